@@ -1,0 +1,15 @@
+"""course_utils: the small companion package of the "Deploying PyTorch Models" course.
+
+Modules, each named after what it holds:
+
+* :mod:`course_utils.env` - device choice, seeding, thread pinning, environment report
+* :mod:`course_utils.data` - the digits dataset, transforms, sample images
+* :mod:`course_utils.models` - the course CNN, the control-flow model, the checkpoint loader
+* :mod:`course_utils.train` - a short training loop and evaluation
+* :mod:`course_utils.bench` - latency / throughput / size measurement and comparison tables
+"""
+
+from . import bench, data, env, models, train
+
+__version__ = "0.1.0"
+__all__ = ["bench", "data", "env", "models", "train", "__version__"]

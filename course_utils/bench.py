@@ -1,0 +1,195 @@
+"""Latency, throughput and size measurements, done the same way in every lesson.
+
+Rules the helpers enforce, because each one changes the numbers:
+
+* **warm-up** calls are run and thrown away (lazy init, allocator, oneDNN kernel selection);
+* models run under ``torch.inference_mode()`` (no autograd bookkeeping);
+* on CUDA the device is **synchronised** around every call (kernels are asynchronous, so a
+  timer without a sync measures only the launch);
+* every call is timed on its own, so we get a **distribution** (mean, p50, p95, p99), not just
+  a mean that hides the tail.
+
+:func:`measure_latency` times single calls with ``time.perf_counter``.
+``torch.utils.benchmark.Timer`` is the better tool for a *median* (it handles warm-up, threads
+and CUDA sync and picks the number of runs itself), and :func:`median_latency` wraps it; but it
+times blocks of calls and reports per-block averages, which smooths away exactly the tail
+latency (p95/p99) that a service's users feel - hence the per-call timer for distributions.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-call latency samples (milliseconds) at one batch size, and what follows from them."""
+
+    samples_ms: np.ndarray
+    batch_size: int
+
+    @property
+    def mean_ms(self) -> float:
+        return float(np.mean(self.samples_ms))
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.samples_ms, q))
+
+    @property
+    def p50_ms(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def p95_ms(self) -> float:
+        return self.percentile(95)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentile(99)
+
+    @property
+    def throughput(self) -> float:
+        """Items (images) per second at this batch size, from the median call."""
+        return self.batch_size / (self.p50_ms / 1000.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "batch": self.batch_size,
+            "mean_ms": self.mean_ms,
+            "p50_ms": self.p50_ms,
+            "p95_ms": self.p95_ms,
+            "p99_ms": self.p99_ms,
+            "items_per_s": self.throughput,
+        }
+
+
+def _as_callable(model: Callable[..., Any]) -> Callable[..., Any]:
+    if isinstance(model, nn.Module) and model.training:
+        raise ValueError("the model is in training mode: call model.eval() before measuring latency")
+    return model
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_size(inputs: Any) -> int:
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    shape = getattr(first, "shape", None)
+    return int(shape[0]) if shape else 1
+
+
+def measure_latency(model: Callable[..., Any], inputs: Any, warmup: int = 10, iters: int = 100,
+                    device: str | torch.device | None = None) -> LatencyStats:
+    """Time ``iters`` single calls of ``model(inputs)`` after ``warmup`` discarded calls.
+
+    ``inputs`` is one tensor/array or a tuple of positional arguments; its first dimension is
+    the batch size. ``model`` can be an ``nn.Module`` (must be in eval mode) or any callable,
+    e.g. an ONNX Runtime session wrapper. ``device`` defaults to the input tensor's device and
+    enables CUDA synchronisation around each call.
+
+    >>> stats = measure_latency(torch.nn.Linear(4, 2).eval(), torch.zeros(8, 4), warmup=1, iters=5)
+    >>> stats.batch_size, len(stats.samples_ms)
+    (8, 5)
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    fn = _as_callable(model)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if device is None and isinstance(args[0], torch.Tensor):
+        device = args[0].device
+    dev = torch.device(device) if device is not None else None
+    samples = np.empty(iters, dtype=np.float64)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(*args)
+        _sync(dev)
+        for i in range(iters):
+            start = time.perf_counter()
+            fn(*args)
+            _sync(dev)
+            samples[i] = (time.perf_counter() - start) * 1000.0
+    return LatencyStats(samples_ms=samples, batch_size=_batch_size(args))
+
+
+def median_latency(model: Callable[..., Any], inputs: Any, min_run_time: float = 0.5) -> float:
+    """Median milliseconds per call, measured by ``torch.utils.benchmark.Timer.blocked_autorange``.
+
+    Use it for a robust single number; use :func:`measure_latency` when you need the tail.
+    """
+    from torch.utils import benchmark
+
+    fn = _as_callable(model)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    timer = benchmark.Timer(stmt="with torch.inference_mode(): fn(*args)",
+                            globals={"fn": fn, "args": args, "torch": torch},
+                            num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
+
+
+def model_size_bytes(obj: nn.Module | str | Path) -> int:
+    """Size in bytes: of a file on disk, or of a module's ``state_dict`` as ``torch.save`` writes it.
+
+    >>> model_size_bytes(torch.nn.Linear(256, 256)) > 256 * 256 * 4
+    True
+    """
+    if isinstance(obj, (str, Path)):
+        path = Path(obj)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        return path.stat().st_size
+    buffer = io.BytesIO()
+    torch.save(obj.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def compare(results: Mapping[str, LatencyStats | Mapping[str, float]],
+            baseline: str | None = None) -> pd.DataFrame:
+    """Put several measurements in one table, one row each, with a ``speedup`` column.
+
+    ``results`` maps a variant name to a :class:`LatencyStats` or a plain dict of columns
+    (e.g. ``{"p50_ms": ..., "size_mb": ...}``). ``speedup`` is the baseline's ``p50_ms`` divided
+    by each row's (baseline: the first row, or ``baseline``); ratios survive a noisy machine
+    better than absolute milliseconds.
+    """
+    if not results:
+        raise ValueError("nothing to compare: results is empty")
+    rows = {name: (r.as_dict() if isinstance(r, LatencyStats) else dict(r)) for name, r in results.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "variant"
+    base = baseline if baseline is not None else next(iter(rows))
+    if base not in rows:
+        raise KeyError(f"baseline {base!r} is not one of {list(rows)}")
+    if "p50_ms" in table:
+        table["speedup"] = table.loc[base, "p50_ms"] / table["p50_ms"]
+    return table
+
+
+def plot_comparison(table: pd.DataFrame, columns: Sequence[str] = ("p50_ms", "p95_ms"),
+                    ax: Any = None, title: str | None = None) -> Any:
+    """Bar chart of latency columns from :func:`compare`; returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise KeyError(f"columns {missing} are not in the table (it has {list(table.columns)})")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3))
+    table[list(columns)].plot.bar(ax=ax, rot=0)
+    ax.set_ylabel("milliseconds")
+    ax.set_xlabel("")
+    if title:
+        ax.set_title(title)
+    ax.figure.tight_layout()
+    return ax

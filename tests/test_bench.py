@@ -1,0 +1,85 @@
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from course_utils import bench
+
+
+def test_measure_latency_counts_calls_and_excludes_warmup():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        time.sleep(0.002)
+        return x
+
+    stats = bench.measure_latency(fn, torch.zeros(4, 3), warmup=3, iters=7)
+    assert len(calls) == 10 and len(stats.samples_ms) == 7
+    assert stats.batch_size == 4
+    assert stats.p50_ms >= 2.0
+    assert stats.p50_ms <= stats.p95_ms <= stats.p99_ms
+    assert stats.throughput == pytest.approx(4 / (stats.p50_ms / 1000))
+
+
+def test_measure_latency_runs_under_inference_mode():
+    seen = []
+    bench.measure_latency(lambda x: seen.append(torch.is_inference_mode_enabled()), torch.zeros(1), 1, 2)
+    assert seen == [True, True, True]
+
+
+def test_measure_latency_refuses_training_mode_and_bad_counts():
+    with pytest.raises(ValueError, match="model.eval"):
+        bench.measure_latency(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="iters"):
+        bench.measure_latency(torch.nn.Linear(2, 2).eval(), torch.zeros(1, 2), iters=0)
+
+
+def test_stats_percentiles_follow_numpy():
+    stats = bench.LatencyStats(samples_ms=np.arange(1, 101, dtype=float), batch_size=2)
+    assert stats.mean_ms == 50.5
+    assert stats.p50_ms == pytest.approx(50.5) and stats.p99_ms == pytest.approx(99.01)
+    assert set(stats.as_dict()) == {"batch", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "items_per_s"}
+
+
+def test_median_latency_uses_torch_benchmark():
+    ms = bench.median_latency(torch.nn.Linear(8, 8).eval(), torch.zeros(2, 8), min_run_time=0.05)
+    assert 0 < ms < 50
+
+
+def test_model_size_of_module_and_file(tmp_path):
+    linear = torch.nn.Linear(100, 100)
+    size = bench.model_size_bytes(linear)
+    assert 40_000 < size < 45_000  # 10,100 float32 values plus a small header
+    path = tmp_path / "w.pt"
+    torch.save(linear.state_dict(), path)
+    assert bench.model_size_bytes(path) == path.stat().st_size
+    with pytest.raises(FileNotFoundError):
+        bench.model_size_bytes(tmp_path / "missing.pt")
+
+
+def test_compare_builds_a_table_with_speedups():
+    slow = bench.LatencyStats(np.full(10, 4.0), batch_size=1)
+    fast = bench.LatencyStats(np.full(10, 1.0), batch_size=1)
+    table = bench.compare({"eager": slow, "onnx": fast, "other": {"p50_ms": 2.0, "size_mb": 1.0}})
+    assert isinstance(table, pd.DataFrame)
+    assert list(table.index) == ["eager", "onnx", "other"]
+    assert table.loc["onnx", "speedup"] == 4.0 and table.loc["other", "speedup"] == 2.0
+    assert bench.compare({"a": slow, "b": fast}, baseline="b").loc["a", "speedup"] == 0.25
+    with pytest.raises(ValueError):
+        bench.compare({})
+    with pytest.raises(KeyError, match="baseline"):
+        bench.compare({"a": slow}, baseline="z")
+
+
+def test_plot_comparison_draws_bars_and_checks_columns():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table = bench.compare({"a": bench.LatencyStats(np.full(5, 2.0), 1), "b": bench.LatencyStats(np.full(5, 1.0), 1)})
+    ax = bench.plot_comparison(table, title="t")
+    assert len(ax.patches) == 4 and ax.get_title() == "t"
+    with pytest.raises(KeyError, match="not in the table"):
+        bench.plot_comparison(table, columns=("nope",))

@@ -1,0 +1,92 @@
+import os
+
+import pytest
+import torch
+
+from course_utils import env
+
+
+def test_pick_device_falls_back_to_cpu_when_preferred_device_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert env.pick_device("cuda") == torch.device("cpu")
+    assert env.pick_device("mps") == torch.device("cpu")
+    assert env.pick_device() == torch.device("cpu")
+
+
+def test_pick_device_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert env.pick_device() == torch.device("cuda")
+    assert env.pick_device("mps") == torch.device("mps")
+    assert env.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert env.pick_device() == torch.device("mps")
+
+
+def test_pick_device_reads_environment_and_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    assert env.pick_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        env.pick_device("tpu")
+
+
+def test_seed_everything_makes_all_generators_repeat():
+    import random
+
+    import numpy as np
+
+    env.seed_everything(123)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    env.seed_everything(123)
+    assert first == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_set_threads_pins_and_validates(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert env.set_threads(1) == 1
+        monkeypatch.setenv("COURSE_THREADS", "2")
+        assert env.set_threads() == 2
+        with pytest.raises(ValueError, match=">= 1"):
+            env.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_setup_returns_device_and_pins_threads():
+    before = torch.get_num_threads()
+    try:
+        assert env.setup(seed=1, threads=1, prefer="cpu") == torch.device("cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_in_colab_detects_the_colab_variable(monkeypatch):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert env.in_colab() is False
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab")
+    assert env.in_colab() is True
+
+
+def test_environment_report_has_versions_and_prints(capsys):
+    report = env.print_report(torch.device("cpu"))
+    assert report.torch == torch.__version__
+    assert report.device == "cpu"
+    assert report.onnxruntime != "not installed"
+    out = capsys.readouterr().out
+    assert "torch" in out and torch.__version__ in out and "threads" in out
+
+
+def test_artifacts_dir_is_created_under_the_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(tmp_path / "scratch"))
+    folder = env.artifacts_dir("00_setup")
+    assert folder == tmp_path / "scratch" / "00_setup" and folder.is_dir()
+    assert env.artifacts_dir() == tmp_path / "scratch"
+
+
+def test_artifacts_default_is_ignored_by_git():
+    gitignore = (env.REPO_DIR / ".gitignore").read_text().splitlines()
+    assert "artifacts/" in gitignore
+    assert os.path.basename(env.artifacts_dir()) == "artifacts" or "COURSE_ARTIFACTS" in os.environ

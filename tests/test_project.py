@@ -1,0 +1,91 @@
+"""Project hygiene: committed notebooks are fresh, the two install routes agree, CI calls make test."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:home|root|Users|tmp|work|content)/[\w.-]+/")
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ is empty"
+    assert NOTEBOOKS[0].name == "00_setup_and_model.ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_executed_in_order_and_portable(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    counts = [c["execution_count"] for c in code]
+    assert None not in counts, f"{path.name}: {counts.count(None)} code cells never executed - run `make refresh`"
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: execution counts {counts} - run `make refresh`"
+    assert any(c["outputs"] for c in code), f"{path.name}: committed without outputs - run `make refresh`"
+    kernel = nb["metadata"].get("kernelspec", {})
+    assert kernel.get("name") == "python3", f"{path.name}: kernelspec {kernel} points at a private kernel"
+    for i, cell in enumerate(code):
+        for out in cell["outputs"]:
+            assert out["output_type"] != "error", f"{path.name}: cell {i} was committed with an error"
+            text = json.dumps(out.get("text", "")) + json.dumps(out.get("data", {}).get("text/plain", ""))
+            match = ABSOLUTE_PATH.search(text)
+            assert not match, f"{path.name}: cell {i} output has an absolute path {match.group(0)!r}"
+        assert "NBVAL_SKIP" not in "".join(cell["source"]), f"{path.name}: cell {i} is skipped"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_lesson_template(path):
+    nb = json.loads(path.read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"])
+    assert "colab.research.google.com" in text, f"{path.name}: no Open in Colab badge"
+    assert "env.setup(" in text, f"{path.name}: the setup cell must call course_utils.env.setup()"
+    assert "Key takeaways" in text, f"{path.name}: no key takeaways section"
+
+
+def test_environment_yml_installs_what_pip_installs():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pip_names = {_name(r) for r in pyproject["project"]["dependencies"]}
+    pip_names |= {_name(r) for r in pyproject["project"]["optional-dependencies"]["dev"]}
+    env_text = (ROOT / "environment.yml").read_text()
+    listed = re.findall(r"^\s*-\s+([A-Za-z0-9_.\-\[\]]+[^\n#]*)", env_text, flags=re.M)
+    env_names = {_name(item) for item in listed} - {"pip", "python"}
+    env_names = {n for n in env_names if not n.startswith("-")}
+    assert pip_names <= env_names | {"course-utils"}, f"missing from environment.yml: {pip_names - env_names}"
+    assert "-e ." in env_text or "--editable ." in env_text, "environment.yml must install the course package"
+
+
+def test_environment_yml_pins_match_constraints():
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {_name(k): v for k, v in pins.items()}
+    env_text = (ROOT / "environment.yml").read_text()
+    for name, version in re.findall(r"^\s*-\s+([A-Za-z0-9_.\-]+)==([^\s#]+)", env_text, flags=re.M):
+        pinned = pins.get(_name(name))
+        assert pinned == version, f"environment.yml pins {name}=={version}, constraints.txt has {pinned}"
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    python_pin = re.search(r"^\s*-\s+python=([\d.]+)", env_text, flags=re.M)
+    assert python_pin and python_pin.group(1) == "3.11"
+
+
+def test_every_pyproject_dependency_is_pinned_in_constraints():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pinned = {_name(line.split("==")[0]) for line in lines if "==" in line}
+    wanted = [*pyproject["project"]["dependencies"], *pyproject["project"]["optional-dependencies"]["dev"]]
+    missing = {_name(r) for r in wanted} - pinned
+    assert not missing, f"not pinned in constraints.txt (run `make lock`): {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme and "make lab" in readme
+    commands = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert any(re.search(r"\bmake\b.*\btest\b", line) for line in commands), ".ci/run must call make test"
