@@ -52,7 +52,8 @@ def write_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def write_samples(out: Path, images: np.ndarray, labels: np.ndarray) -> list[Path]:
-    """One PNG per class (first test image of that class), plus two JPEGs as a phone would send."""
+    """One PNG per class (the first test image of that class), plus the 3 and the 8 again as
+    larger, lossy RGB JPEGs, the way a phone would send them: same scan, different file."""
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -62,7 +63,7 @@ def write_samples(out: Path, images: np.ndarray, labels: np.ndarray) -> list[Pat
         D.digit_to_image(images[index]).save(path, optimize=False)
         written.append(path)
     for digit in (3, 8):
-        index = int(np.flatnonzero(labels == digit)[1])
+        index = int(np.flatnonzero(labels == digit)[0])
         path = folder / f"photo_{digit}.jpg"
         D.digit_to_image(images[index], scale=32).convert("RGB").save(path, quality=90)
         written.append(path)
