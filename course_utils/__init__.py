@@ -7,9 +7,10 @@ Modules, each named after what it holds:
 * :mod:`course_utils.models` - the course CNN, the control-flow model, the checkpoint loader
 * :mod:`course_utils.train` - a short training loop and evaluation
 * :mod:`course_utils.bench` - latency / throughput / size measurement and comparison tables
+* :mod:`course_utils.export` - parity checks, ONNX Runtime sessions, the C++ loader
 """
 
-from . import bench, data, env, models, train
+from . import bench, data, env, export, models, train
 
 __version__ = "0.1.0"
-__all__ = ["bench", "data", "env", "models", "train", "__version__"]
+__all__ = ["bench", "data", "env", "export", "models", "train", "__version__"]
