@@ -73,8 +73,15 @@ class LatencyStats:
         }
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
 def _as_callable(model: Callable[..., Any]) -> Callable[..., Any]:
-    if isinstance(model, nn.Module) and model.training:
+    # Refuse a module whose BatchNorm/Dropout layers are in training mode. (The `training` flag of
+    # the module itself is not enough: ExportedProgram.module() says True but its graph was
+    # captured in eval mode and holds no such layers.)
+    if isinstance(model, nn.Module) and any(
+            m.training for m in model.modules() if isinstance(m, _MODE_DEPENDENT)):
         raise ValueError("the model is in training mode: call model.eval() before measuring latency")
     return model
 

@@ -32,7 +32,11 @@ def test_measure_latency_runs_under_inference_mode():
 
 def test_measure_latency_refuses_training_mode_and_bad_counts():
     with pytest.raises(ValueError, match="model.eval"):
-        bench.measure_latency(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+        bench.measure_latency(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="model.eval"):
+        bench.measure_latency(torch.nn.BatchNorm1d(2), torch.zeros(3, 2))
+    # No mode-dependent layer, so the flag does not matter (an ExportedProgram's module() says training=True).
+    assert bench.measure_latency(torch.nn.Linear(2, 2), torch.zeros(1, 2), warmup=0, iters=1).batch_size == 1
     with pytest.raises(ValueError, match="iters"):
         bench.measure_latency(torch.nn.Linear(2, 2).eval(), torch.zeros(1, 2), iters=0)
 
