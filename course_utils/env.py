@@ -83,6 +83,27 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def reduced_precision(device: str | torch.device) -> torch.dtype | None:
+    """The 16-bit float type worth using for inference on ``device``, or None.
+
+    ``float16`` on CUDA (tensor cores); ``bfloat16`` on a CPU whose oneDNN has native bf16
+    kernels (AVX512-BF16 or AMX); ``None`` elsewhere, where bf16 would be emulated and slower
+    than float32. Remember to cast the *inputs* too: a half-precision model fed float32
+    tensors fails on CUDA (the chapter's ``ProductionModel`` bug).
+
+    >>> reduced_precision("cuda")
+    torch.float16
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "mps":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def seed_everything(seed: int = DEFAULT_SEED) -> None:
     """Seed Python, NumPy and torch (CPU and all GPUs) with one number.
 

@@ -90,3 +90,12 @@ def test_artifacts_default_is_ignored_by_git():
     gitignore = (env.REPO_DIR / ".gitignore").read_text().splitlines()
     assert "artifacts/" in gitignore
     assert os.path.basename(env.artifacts_dir()) == "artifacts" or "COURSE_ARTIFACTS" in os.environ
+
+
+def test_reduced_precision_per_device(monkeypatch):
+    assert env.reduced_precision("cuda") == torch.float16
+    assert env.reduced_precision("mps") == torch.float16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert env.reduced_precision("cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert env.reduced_precision("cpu") is None
