@@ -18,7 +18,7 @@ export JUPYTER_PLATFORM_DIRS := 1
 # Our venv's kernel first on PATH for jupyter's `python` kernelspec.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lab test unit notebooks lint refresh data lock clean
+.PHONY: help setup lab test unit notebooks lint refresh data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
@@ -27,6 +27,7 @@ help:
 	@echo "make notebooks- strict nbval over notebooks/ only"
 	@echo "make refresh  - re-execute every notebook in place (authors, before committing)"
 	@echo "make data     - rebuild data/ from scratch (splits, samples, checkpoint, manifest)"
+	@echo "make bench    - measure every deployment variant (several minutes) -> reports/"
 	@echo "make lock     - re-resolve constraints.txt in a scratch venv"
 	@echo "make clean    - remove .venv, caches and artifacts/"
 
@@ -61,6 +62,9 @@ refresh: $(STAMP)
 
 data: $(STAMP)
 	$(BIN)/python -m course_utils.build_data
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lock:
 	rm -rf /tmp/course-lock-venv && $(PYTHON) -m venv /tmp/course-lock-venv
