@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message="To copy construct from a tensor")
 warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated")
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 BATCHES = {"cnn": (1, 32), "resnet18": (1, 8, 32)}
