@@ -18,11 +18,12 @@ export JUPYTER_PLATFORM_DIRS := 1
 # Our venv's kernel first on PATH for jupyter's `python` kernelspec.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lab test unit notebooks lint refresh data bench lock clean
+.PHONY: help setup lab test unit notebooks lint serve refresh data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
 	@echo "make test     - set up (first time) and run everything: ruff, unit tests, strict nbval"
+	@echo "make serve    - start the inference service (FastAPI, trained CNN) on 127.0.0.1:8000  [SERVE_ARGS=...]"
 	@echo "make unit     - unit tests and doctests of course_utils only"
 	@echo "make notebooks- strict nbval over notebooks/ only"
 	@echo "make refresh  - re-execute every notebook in place (authors, before committing)"
@@ -47,6 +48,12 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest --doctest-modules course_utils tests $(NBVAL) $(NOTEBOOKS)
+
+SERVE_PORT ?= 8000
+serve: $(STAMP)
+	@echo ">> http://127.0.0.1:$(SERVE_PORT)  (docs: http://127.0.0.1:$(SERVE_PORT)/docs, stop: Ctrl-C)"
+	@echo ">> try:  curl -F file=@data/samples/digit_7.png http://127.0.0.1:$(SERVE_PORT)/predict"
+	$(BIN)/python -m course_utils.serving --port $(SERVE_PORT) $(SERVE_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest --doctest-modules course_utils tests

@@ -1,0 +1,72 @@
+"""Start the inference service with a production server.
+
+    python -m course_utils.serving                      # FastAPI + uvicorn, the trained CNN, 127.0.0.1:8000
+    python -m course_utils.serving --framework flask    # Flask + waitress
+    python -m course_utils.serving --model artifacts/02_onnx/cnn.onnx --api-key s3cret --port 9000
+
+Every option can also come from a ``COURSE_SERVE_*`` environment variable (see ServiceConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .service import ServiceConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ServiceConfig.from_env()
+    parser = argparse.ArgumentParser(prog="python -m course_utils.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=("fastapi", "flask"), default="fastapi")
+    parser.add_argument("--model", default=defaults.model_path,
+                        help="model file: .pt/.pth (state_dict or TorchScript), .pt2, .onnx (default: data/ checkpoint)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=defaults.api_key,
+                        help="require this X-API-Key (default: $COURSE_SERVE_API_KEY, or no auth)")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="dynamic batching: most requests per model call (1 turns batching off)")
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                        help="dynamic batching: longest wait for more requests after the first")
+    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="uvicorn worker processes (fastapi) or waitress threads (flask, default 8)")
+    parser.add_argument("--device", default=defaults.device, help="cuda, mps or cpu (default: best available)")
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.workers < 1:
+        parser.error("--max-batch-size and --workers must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be 1-65535, got {args.port}")
+    if args.model is not None and not os.path.isfile(args.model):
+        parser.error(f"--model {args.model}: no such file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = ServiceConfig.from_env(model_path=args.model, api_key=args.api_key, device=args.device,
+                                    max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                                    max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework)
+    os.environ.update(config.to_env())  # worker processes rebuild the config from the environment
+    print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'},"
+          f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, auth: {'on' if config.api_key else 'off'})",
+          file=sys.stderr, flush=True)
+    if args.framework == "fastapi":
+        import uvicorn
+
+        uvicorn.run("course_utils.serving.fastapi_app:create_app_from_env", factory=True, host=args.host,
+                    port=args.port, workers=args.workers, log_level="warning", timeout_graceful_shutdown=5)
+    else:
+        from waitress import serve
+
+        from .flask_app import create_app
+
+        serve(create_app(config), host=args.host, port=args.port, threads=max(args.workers, 8) if args.workers == 1
+              else args.workers, channel_timeout=30, ident="digits-service")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Dynamic batching: gather concurrent requests into one model call.
+
+A model call costs almost the same for 1 image as for 32 on a small model (lesson 00), so a
+service under concurrent load wastes most of its time on per-call overhead. The batcher puts
+each request's tensor in a queue; one worker thread takes up to ``max_batch_size`` of them,
+waiting at most ``max_wait_ms`` after the first for others to arrive, runs the model **once**,
+and hands each caller its own row through a ``concurrent.futures.Future`` (which threads can
+wait on and asyncio can await).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+_STOP = object()
+
+
+class DynamicBatcher:
+    """Run ``predict(batch) -> rows`` on batches gathered from concurrent :meth:`submit` calls.
+
+    >>> b = DynamicBatcher(lambda x: x * 2, max_batch_size=4, max_wait_ms=1)
+    >>> b.submit(torch.ones(3)).result(timeout=5).tolist()
+    [2.0, 2.0, 2.0]
+    >>> b.close()
+    """
+
+    def __init__(self, predict: Callable[[torch.Tensor], torch.Tensor], max_batch_size: int = 32,
+                 max_wait_ms: float = 2.0, on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dynamic-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: torch.Tensor) -> Future:
+        """Queue one input (no batch dimension); the future resolves to its output row."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        future: Future = Future()
+        self._queue.put((item, future))
+        return future
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker after the requests already queued."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _gather(self, first) -> tuple[list, bool]:
+        items, stop = [first], False
+        deadline = time.monotonic() + self.max_wait_s
+        while len(items) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            items.append(item)
+        return items, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            items, stop = self._gather(first)
+            live = [(x, f) for x, f in items if f.set_running_or_notify_cancel()]
+            if live:
+                try:
+                    outputs = self.predict(torch.stack([x for x, _ in live]))
+                    for (_, future), row in zip(live, outputs, strict=True):
+                        future.set_result(row)
+                except Exception as error:  # the model failed: every caller in the batch hears why
+                    for _, future in live:
+                        future.set_exception(error)
+                if self.on_batch is not None:
+                    self.on_batch(len(live))
+            if stop:
+                return

@@ -1,0 +1,160 @@
+"""The framework-agnostic core of the inference service.
+
+Flask and FastAPI front ends differ in how they receive a request and send an answer; what they
+do in between is the same and lives here: check the API key, validate parameters, decode the
+upload, preprocess, run the model (through the dynamic batcher), and build the JSON answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .batching import DynamicBatcher
+from .images import DEFAULT_MAX_PIXELS, ServingError, check_content_type, decode_image
+from .metrics import ServiceMetrics
+from .predictor import Predictor
+
+API_KEY_HEADER = "X-API-Key"
+ENV_PREFIX = "COURSE_SERVE_"
+
+
+@dataclass
+class ServiceConfig:
+    """Everything a deployment may want to change; every field has an environment variable."""
+
+    model_path: str | None = None          # COURSE_SERVE_MODEL (default: the trained checkpoint)
+    device: str | None = None              # COURSE_SERVE_DEVICE (default: best available)
+    api_key: str | None = None             # COURSE_SERVE_API_KEY (default: no auth)
+    max_upload_bytes: int = 10 * 2**20     # COURSE_SERVE_MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS   # COURSE_SERVE_MAX_PIXELS
+    max_batch_size: int = 32               # COURSE_SERVE_MAX_BATCH_SIZE (1 = no batching)
+    max_wait_ms: float = 2.0               # COURSE_SERVE_MAX_WAIT_MS
+    default_top_k: int = 3                 # COURSE_SERVE_DEFAULT_TOP_K
+    request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
+    model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
+    framework: str = field(default="fastapi", repr=False)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> ServiceConfig:
+        """Read ``COURSE_SERVE_*`` variables (how the CLI passes options to uvicorn's workers)."""
+        config = cls()
+        for name, default in cls().__dict__.items():
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                kind = type(default) if default is not None else str
+                setattr(config, name, kind(raw))
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        return config
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_PREFIX + k.upper(): str(v) for k, v in self.__dict__.items() if v is not None}
+
+
+class InferenceService:
+    """A loaded, warmed-up model behind the checks of the HTTP contract."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        if config.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.config = config
+        self.predictor = Predictor.load(config.model_path, device=config.device, version=config.model_version)
+        self.metrics = ServiceMetrics(self.predictor.version, config.framework)
+        self.warmup_s = self.predictor.warmup()
+        self.batcher: DynamicBatcher | None = None
+        if config.max_batch_size > 1:
+            self.batcher = DynamicBatcher(self.predictor.predict, config.max_batch_size, config.max_wait_ms,
+                                          on_batch=self.metrics.batch_size.observe)
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.config.api_key)
+
+    def check_api_key(self, provided: str | None) -> None:
+        """401 unless auth is off or the key matches (compared in constant time)."""
+        if not self.auth_enabled:
+            return
+        if not provided:
+            raise ServingError(401, "missing_api_key", f"send your API key in the {API_KEY_HEADER} header")
+        if not hmac.compare_digest(provided.encode(), str(self.config.api_key).encode()):
+            raise ServingError(401, "invalid_api_key", f"the {API_KEY_HEADER} header does not hold a valid key")
+
+    def parse_top_k(self, raw: str | None) -> int:
+        """``?top_k=`` as an int in 1..number of classes, or a 422 saying what is accepted."""
+        if raw is None or raw == "":
+            return min(self.config.default_top_k, len(self.predictor.labels))
+        try:
+            k = int(raw)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= len(self.predictor.labels):
+            raise ServingError(422, "invalid_parameter",
+                               f"top_k must be an integer from 1 to {len(self.predictor.labels)}, got {raw!r}")
+        return k
+
+    # ------------------------------------------------------------------ inference
+    def prepare(self, raw: bytes, content_type: str | None) -> torch.Tensor:
+        """Bytes -> model input, or a ServingError (CPU work: run it off the event loop)."""
+        if len(raw) > self.config.max_upload_bytes:
+            raise ServingError(413, "payload_too_large",
+                               f"the upload is {len(raw):,} bytes; the limit is {self.config.max_upload_bytes:,}")
+        check_content_type(content_type)
+        image = decode_image(raw, self.config.max_pixels)
+        try:
+            return self.predictor.preprocess(image)
+        except Exception as error:
+            raise ServingError(400, "unprocessable_image", f"the image could not be preprocessed: {error}") from None
+
+    def _answer(self, probabilities: torch.Tensor, top_k: int, started: float) -> dict[str, object]:
+        return {
+            "success": True,
+            "predictions": [p.as_json() for p in self.predictor.top_k(probabilities, top_k)],
+            "model_version": self.predictor.version,
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+
+    def predict(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, object]:
+        """The whole request, blocking: for threaded servers (Flask under waitress)."""
+        started = time.perf_counter()
+        x = self.prepare(raw, content_type)
+        if self.batcher is None:
+            probabilities = self.predictor.predict(x.unsqueeze(0))[0]
+        else:
+            probabilities = self.batcher.submit(x).result(timeout=self.config.request_timeout_s)
+        return self._answer(probabilities, top_k, started)
+
+    async def predict_async(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, object]:
+        """The whole request without blocking the event loop: for FastAPI."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        x = await loop.run_in_executor(None, self.prepare, raw, content_type)   # decode in a thread
+        if self.batcher is None:
+            rows = await loop.run_in_executor(None, self.predictor.predict, x.unsqueeze(0))
+            probabilities = rows[0]
+        else:
+            future = asyncio.wrap_future(self.batcher.submit(x))
+            probabilities = await asyncio.wait_for(future, self.config.request_timeout_s)
+        return self._answer(probabilities, top_k, started)
+
+    # ------------------------------------------------------------------ probes
+    def health(self) -> dict[str, object]:
+        return {"status": "healthy"}
+
+    def readiness(self) -> tuple[int, dict[str, object]]:
+        ready = self.predictor.ready
+        body = {"status": "ready" if ready else "loading", "model_version": self.predictor.version,
+                "model_kind": self.predictor.kind, "device": str(self.predictor.device),
+                "batching": {"max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms},
+                "auth": self.auth_enabled}
+        return (200 if ready else 503), body
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
