@@ -9,11 +9,13 @@
 Start it with ``python -m course_utils.serving`` (``make serve``); see ``--help``.
 """
 
-from .background import free_port, serve_in_background, serve_wsgi_in_thread, wait_until_ready
+from .background import free_port, serve_asgi_in_thread, serve_in_background, serve_wsgi_in_thread, wait_until_ready
 from .batching import DynamicBatcher
 from .images import ServingError, decode_image
+from .loadgen import LoadResult, run_load
 from .predictor import Prediction, Predictor
 from .service import InferenceService, ServiceConfig
 
-__all__ = ["DynamicBatcher", "InferenceService", "Prediction", "Predictor", "ServiceConfig", "ServingError",
-           "decode_image", "free_port", "serve_in_background", "serve_wsgi_in_thread", "wait_until_ready"]
+__all__ = ["DynamicBatcher", "InferenceService", "LoadResult", "Prediction", "Predictor", "ServiceConfig", "ServingError",
+           "decode_image", "free_port", "run_load", "serve_asgi_in_thread", "serve_in_background", "serve_wsgi_in_thread",
+           "wait_until_ready"]

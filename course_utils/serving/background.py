@@ -94,10 +94,14 @@ def serve_wsgi_in_thread(app, port: int | None = None) -> Iterator[BackgroundSer
 
     Uses werkzeug's development server: fine for a notebook demonstration, not for production.
     """
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs) -> None:  # no timestamped access log in notebook output
+            pass
 
     port = port or free_port()
-    server = make_server("127.0.0.1", port, app, threaded=True)
+    server = make_server("127.0.0.1", port, app, threaded=True, request_handler=QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="wsgi-demo-server", daemon=True)
     thread.start()
     try:
@@ -105,3 +109,25 @@ def serve_wsgi_in_thread(app, port: int | None = None) -> Iterator[BackgroundSer
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+@contextmanager
+def serve_asgi_in_thread(app, port: int | None = None) -> Iterator[BackgroundServer]:
+    """Serve an ASGI app (a FastAPI app defined in a notebook) with uvicorn in a thread, then stop it."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="asgi-demo-server", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-thread uvicorn server did not start")
+            time.sleep(0.05)
+        yield BackgroundServer(url, port, None, None)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -34,7 +34,7 @@ class ServiceConfig:
     max_upload_bytes: int = 10 * 2**20     # COURSE_SERVE_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS   # COURSE_SERVE_MAX_PIXELS
     max_batch_size: int = 32               # COURSE_SERVE_MAX_BATCH_SIZE (1 = no batching)
-    max_wait_ms: float = 2.0               # COURSE_SERVE_MAX_WAIT_MS
+    max_wait_ms: float = 0.0               # COURSE_SERVE_MAX_WAIT_MS (0 = greedy: take what is queued)
     default_top_k: int = 3                 # COURSE_SERVE_DEFAULT_TOP_K
     request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
     model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
