@@ -213,7 +213,7 @@ def test_config_reads_environment(monkeypatch):
 
 def test_cli_validates_its_arguments(capsys):
     for argv in (["--port", "0"], ["--max-batch-size", "0"], ["--model", "/nonexistent/model.pt"],
-                 ["--framework", "django"], ["--workers", "0"]):
+                 ["--framework", "django"], ["--workers", "0"], ["--threads", "0"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
     assert "error" in capsys.readouterr().err

@@ -33,10 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes (fastapi) or waitress threads (flask, default 8)")
+    parser.add_argument("--threads", type=int, default=defaults.threads or None,
+                        help="torch threads per worker (default: cores / workers, at least 1)")
     parser.add_argument("--device", default=defaults.device, help="cuda, mps or cpu (default: best available)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.workers < 1:
         parser.error("--max-batch-size and --workers must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1-65535, got {args.port}")
     if args.model is not None and not os.path.isfile(args.model):
@@ -46,12 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = ServiceConfig.from_env(model_path=args.model, api_key=args.api_key, device=args.device,
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.workers if args.framework == "fastapi" else 1))
+    config = ServiceConfig.from_env(threads=threads, model_path=args.model, api_key=args.api_key, device=args.device,
                                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                     max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework)
     os.environ.update(config.to_env())  # worker processes rebuild the config from the environment
     print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'},"
-          f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, auth: {'on' if config.api_key else 'off'})",
+          f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, workers: {args.workers}, torch threads: {threads},"
+          f" auth: {'on' if config.api_key else 'off'})",
           file=sys.stderr, flush=True)
     if args.framework == "fastapi":
         import uvicorn

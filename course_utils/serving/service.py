@@ -38,6 +38,7 @@ class ServiceConfig:
     default_top_k: int = 3                 # COURSE_SERVE_DEFAULT_TOP_K
     request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
     model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
+    threads: int = 0                       # COURSE_SERVE_THREADS: torch intra-op threads (0 = torch's default)
     framework: str = field(default="fastapi", repr=False)
 
     @classmethod
@@ -64,6 +65,8 @@ class InferenceService:
         if config.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.config = config
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)   # per worker process: workers x threads <= cores
         self.predictor = Predictor.load(config.model_path, device=config.device, version=config.model_version)
         self.metrics = ServiceMetrics(self.predictor.version, config.framework)
         self.warmup_s = self.predictor.warmup()
