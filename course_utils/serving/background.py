@@ -1,8 +1,10 @@
 """Start servers in the background for notebooks and tests, and always stop them.
 
->>> with serve_in_background("fastapi") as server:      # doctest: +SKIP
-...     requests.get(server.url + "/health").json()
-{'status': 'healthy'}
+Example::
+
+    with serve_in_background("fastapi", args=["--api-key", "k"]) as server:
+        requests.get(server.url + "/health").json()     # {'status': 'healthy'}
+    # the server process is stopped here, whatever happened in the block
 """
 
 from __future__ import annotations
