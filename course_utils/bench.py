@@ -130,6 +130,40 @@ def measure_latency(model: Callable[..., Any], inputs: Any, warmup: int = 10, it
     return LatencyStats(samples_ms=samples, batch_size=_batch_size(args))
 
 
+def measure_interleaved(models: Mapping[str, Callable[..., Any]], inputs: Any, warmup: int = 5,
+                        iters: int = 50, device: str | torch.device | None = None) -> dict[str, LatencyStats]:
+    """Time several variants on the same input **in turn** (A, B, C, A, B, C, ...).
+
+    Use it when a claim compares variants: on a shared machine background load drifts, and timing
+    A for a second and then B for a second lets the drift decide the ratio. Interleaving exposes
+    every variant to the same conditions, so ratios of the returned medians are robust.
+
+    >>> stats = measure_interleaved({"a": torch.nn.Identity(), "b": torch.nn.Identity()}, torch.zeros(2, 3), 1, 4)
+    >>> sorted(stats), len(stats["a"].samples_ms)
+    (['a', 'b'], 4)
+    """
+    if iters < 1 or warmup < 0 or not models:
+        raise ValueError("need at least one model, iters >= 1 and warmup >= 0")
+    fns = {name: _as_callable(fn) for name, fn in models.items()}
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if device is None and isinstance(args[0], torch.Tensor):
+        device = args[0].device
+    dev = torch.device(device) if device is not None else None
+    samples = {name: np.empty(iters, dtype=np.float64) for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(*args)
+        _sync(dev)
+        for i in range(iters):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(*args)
+                _sync(dev)
+                samples[name][i] = (time.perf_counter() - start) * 1000.0
+    return {name: LatencyStats(samples_ms=values, batch_size=_batch_size(args)) for name, values in samples.items()}
+
+
 def median_latency(model: Callable[..., Any], inputs: Any, min_run_time: float = 0.5) -> float:
     """Median milliseconds per call, measured by ``torch.utils.benchmark.Timer.blocked_autorange``.
 

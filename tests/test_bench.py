@@ -87,3 +87,24 @@ def test_plot_comparison_draws_bars_and_checks_columns():
     assert len(ax.patches) == 4 and ax.get_title() == "t"
     with pytest.raises(KeyError, match="not in the table"):
         bench.plot_comparison(table, columns=("nope",))
+
+
+def test_measure_interleaved_alternates_variants_and_keeps_their_samples():
+    order = []
+
+    def make(name, delay):
+        def fn(x):
+            order.append(name)
+            time.sleep(delay)
+            return x
+        return fn
+
+    stats = bench.measure_interleaved({"slow": make("slow", 0.004), "fast": make("fast", 0.001)}, torch.zeros(3, 2),
+                                      warmup=1, iters=5)
+    assert order[:4] == ["slow", "fast", "slow", "fast"], "variants must alternate"
+    assert len(stats["slow"].samples_ms) == 5 and stats["fast"].batch_size == 3
+    assert stats["slow"].p50_ms > stats["fast"].p50_ms
+    with pytest.raises(ValueError):
+        bench.measure_interleaved({}, torch.zeros(1))
+    with pytest.raises(ValueError, match="model.eval"):
+        bench.measure_interleaved({"train": torch.nn.Dropout()}, torch.zeros(1))

