@@ -20,7 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 try:  # deployed: the file sits next to this one in the zip

@@ -14,11 +14,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import digits_preprocess as pre  # shipped with --extra-files, unpacked next to this handler
 import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
-
-import digits_preprocess as pre  # shipped with --extra-files, unpacked next to this handler
 
 
 class DigitsHandler(BaseHandler):
