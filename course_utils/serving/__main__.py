@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .service import ServiceConfig
+from .service import ServiceConfig, configure_request_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                     max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework)
     os.environ.update(config.to_env())  # worker processes rebuild the config from the environment
+    configure_request_logging()          # one JSON line per /predict request, on stderr
     print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'},"
           f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, workers: {args.workers}, torch threads: {threads},"
           f" auth: {'on' if config.api_key else 'off'})",

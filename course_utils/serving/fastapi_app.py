@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .images import ServingError
 from .metrics import endpoint_label
-from .service import API_KEY_HEADER, InferenceService, ServiceConfig
+from .service import API_KEY_HEADER, REQUEST_ID_HEADER, InferenceService, ServiceConfig, request_id
 
 
 class PredictionItem(BaseModel):
@@ -132,19 +132,28 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         if service is None:
             return await call_next(request)
         endpoint = endpoint_label(request.url.path)
+        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+        request.state.request_id = rid
         service.metrics.in_flight.inc()
         started = time.perf_counter()
         status = 500
         try:
             response = await call_next(request)
             status = response.status_code
+            response.headers[REQUEST_ID_HEADER] = rid
             return response
         finally:
+            seconds = time.perf_counter() - started
             service.metrics.in_flight.dec()
-            service.metrics.observe(endpoint, status, time.perf_counter() - started)
+            service.metrics.observe(endpoint, status, seconds)
+            if endpoint == "/predict":
+                service.log_request(rid, request.method, endpoint, status, seconds * 1000,
+                                    getattr(request.state, "predicted_class", None),
+                                    getattr(request.state, "error_code", None))
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, error: ServingError) -> JSONResponse:
+        request.state.error_code = error.code
         return error_response(error.status, error.code, error.message)
 
     @app.exception_handler(RequestValidationError)
@@ -193,6 +202,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
             raise ServingError(422, "missing_file", "send the image as a multipart form field named 'file' (or 'image')")
         raw = await upload.read()
         answer = await service.predict_async(raw, upload.content_type, k)
+        request.state.predicted_class = answer["predictions"][0]["class"]
         return JSONResponse(content=answer)
 
     return app
@@ -200,4 +210,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` and multi-worker runs: options come from ``COURSE_SERVE_*``."""
+    from .service import configure_request_logging
+
+    configure_request_logging()  # each worker process logs its own requests
     return create_app(ServiceConfig.from_env())

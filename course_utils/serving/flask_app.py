@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .images import ServingError
 from .metrics import endpoint_label
-from .service import API_KEY_HEADER, InferenceService, ServiceConfig
+from .service import API_KEY_HEADER, REQUEST_ID_HEADER, InferenceService, ServiceConfig, request_id
 
 
 def error_json(status: int, code: str, message: str):
@@ -36,6 +36,7 @@ def create_app(config: ServiceConfig | None = None) -> Flask:
     @app.before_request
     def start_timer() -> None:
         g.started = time.perf_counter()
+        g.request_id = request_id(request.headers.get(REQUEST_ID_HEADER))
         service.metrics.in_flight.inc()
 
     @app.teardown_request
@@ -46,11 +47,18 @@ def create_app(config: ServiceConfig | None = None) -> Flask:
     @app.after_request
     def record(response):
         if "started" in g:
-            service.metrics.observe(endpoint_label(request.path), response.status_code, time.perf_counter() - g.started)
+            seconds = time.perf_counter() - g.started
+            endpoint = endpoint_label(request.path)
+            service.metrics.observe(endpoint, response.status_code, seconds)
+            response.headers[REQUEST_ID_HEADER] = g.request_id
+            if endpoint == "/predict":
+                service.log_request(g.request_id, request.method, endpoint, response.status_code, seconds * 1000,
+                                    g.get("predicted_class"), g.get("error_code"))
         return response
 
     @app.errorhandler(ServingError)
     def serving_error(error: ServingError):
+        g.error_code = error.code
         return error_json(error.status, error.code, error.message)
 
     @app.errorhandler(RequestEntityTooLarge)
@@ -87,7 +95,9 @@ def create_app(config: ServiceConfig | None = None) -> Flask:
         upload = request.files.get("file") or request.files.get("image")
         if upload is None:
             raise ServingError(422, "missing_file", "send the image as a multipart form field named 'file' (or 'image')")
-        return jsonify(service.predict(upload.read(), upload.mimetype, k))
+        answer = service.predict(upload.read(), upload.mimetype, k)
+        g.predicted_class = answer["predictions"][0]["class"]
+        return jsonify(answer)
 
     return app
 

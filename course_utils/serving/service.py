@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import logging
 import os
+import re
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +26,35 @@ from .metrics import ServiceMetrics
 from .predictor import Predictor
 
 API_KEY_HEADER = "X-API-Key"
+REQUEST_ID_HEADER = "X-Request-ID"
 ENV_PREFIX = "COURSE_SERVE_"
+#: One JSON line per request on this logger (configure_request_logging sends it to stderr).
+REQUEST_LOG = logging.getLogger("course_utils.serving.requests")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JsonLineFormatter(logging.Formatter):
+    """Format a record's ``fields`` as one JSON object per line, with a UTC timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        return json.dumps({"time": stamp, "level": record.levelname.lower(), "event": record.getMessage(), **fields})
+
+
+def configure_request_logging(stream=None) -> logging.Handler:
+    """Send the request log to ``stream`` (default stderr) as JSON lines; returns the handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonLineFormatter())
+    REQUEST_LOG.handlers = [handler]
+    REQUEST_LOG.setLevel(logging.INFO)
+    REQUEST_LOG.propagate = False
+    return handler
+
+
+def request_id(incoming: str | None) -> str:
+    """Reuse a caller's X-Request-ID if it is a plain token (no log injection), else make one."""
+    return incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
 
 
 @dataclass
@@ -145,6 +178,17 @@ class InferenceService:
             future = asyncio.wrap_future(self.batcher.submit(x))
             probabilities = await asyncio.wait_for(future, self.config.request_timeout_s)
         return self._answer(probabilities, top_k, started)
+
+    def log_request(self, rid: str, method: str, path: str, status: int, latency_ms: float,
+                    predicted_class: int | None = None, error_code: str | None = None) -> None:
+        """One JSON line per request. Never the image, the API key or the client's address."""
+        fields = {"request_id": rid, "method": method, "path": path, "status": status,
+                  "latency_ms": round(latency_ms, 3), "model_version": self.predictor.version}
+        if predicted_class is not None:
+            fields["predicted_class"] = predicted_class
+        if error_code is not None:
+            fields["error_code"] = error_code
+        REQUEST_LOG.info("request", extra={"fields": fields})
 
     # ------------------------------------------------------------------ probes
     def health(self) -> dict[str, object]:
