@@ -1,0 +1,354 @@
+"""The production-ready inference wrapper and the chapter's checklist, made real.
+
+* :class:`ProductionModel` - the chapter's wrapper done right: device choice, warm-up, fp16 on CUDA
+  **with input casting**, input validation, top-k, batches, latency metrics, logging that emits.
+* :class:`ModelRegistry` - a small file-based registry: versions with metadata and sha256,
+  promote, roll back, and a hash check before anything is loaded.
+* :class:`CanaryRouter` - sticky traffic splitting between a stable and a candidate model, and a
+  shadow mode; :func:`two_proportion_test` to decide honestly.
+* :func:`run_checklist` - inspect a model artifact and a running service, item by item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import data, env
+from .monitoring import LatencyMonitor
+
+LOG = logging.getLogger("course_utils.production")
+
+
+class ProductionModel:
+    """Wrap an ``nn.Module`` for serving.
+
+    >>> pm = ProductionModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), device="cpu")
+    >>> len(pm.predict(torch.zeros(2, 1, 8, 8), top_k=2)), pm.dtype
+    (2, torch.float32)
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None, half: bool | None = None,
+                 input_shape: tuple[int, ...] = (1, 8, 8), labels: Sequence[str] = data.CLASS_LABELS,
+                 version: str = "unversioned", warmup: int = 3) -> None:
+        self.device = env.pick_device(device) if not isinstance(device, torch.device) else device
+        low = env.reduced_precision(self.device)
+        use_half = (self.device.type == "cuda") if half is None else half
+        self.dtype = low if (use_half and low is not None) else torch.float32
+        self.model = model.eval().to(device=self.device, dtype=self.dtype)
+        self.input_shape = tuple(input_shape)
+        self.labels = tuple(labels)
+        self.version = version
+        self.monitor = LatencyMonitor(window=1000, warmup=0)
+        self.errors = 0
+        with torch.inference_mode():
+            for _ in range(warmup):
+                self.model(torch.zeros(1, *self.input_shape, device=self.device, dtype=self.dtype))
+        LOG.info("model %s ready on %s (%s)", version, self.device, str(self.dtype).replace("torch.", ""))
+
+    def _validate(self, batch: Any) -> torch.Tensor:
+        x = torch.as_tensor(batch)
+        if x.dim() == len(self.input_shape):
+            x = x.unsqueeze(0)  # one image -> a batch of one
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected input of shape (N, {', '.join(map(str, self.input_shape))}) "
+                             f"or one ({', '.join(map(str, self.input_shape))}) image, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected floating-point inputs, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("inputs contain NaN or infinity")
+        return x
+
+    def predict(self, batch: Any, top_k: int = 3) -> list[list[dict[str, object]]]:
+        """Top-k classes for each image of ``batch``; raises ``ValueError`` on bad input."""
+        if not 1 <= top_k <= len(self.labels):
+            raise ValueError(f"top_k must be in 1..{len(self.labels)}, got {top_k}")
+        try:
+            x = self._validate(batch).to(device=self.device, dtype=self.dtype)  # cast the inputs too
+        except ValueError:
+            self.errors += 1
+            LOG.warning("rejected a batch: invalid input")
+            raise
+        logits = self.monitor.run(self.model, x)
+        probabilities = torch.softmax(logits.float(), dim=1).cpu()
+        values, indices = probabilities.topk(top_k, dim=1)
+        LOG.info("predicted a batch of %d in %.2f ms", len(x), self.monitor.samples[-1])
+        return [[{"class": int(i), "label": self.labels[int(i)], "probability": float(p)}
+                 for p, i in zip(row_p, row_i, strict=True)] for row_p, row_i in zip(values, indices, strict=True)]
+
+    def stats(self) -> dict[str, float]:
+        """Latency over the recent calls (see LatencyMonitor.report) and the count of rejected inputs."""
+        if not self.monitor.samples:
+            return {"count": 0, "errors": self.errors}
+        return {**self.monitor.report(), "errors": self.errors}
+
+
+# ----------------------------------------------------------------------------- registry
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (unknown version, nothing to roll back to, ...)."""
+
+
+class IntegrityError(RuntimeError):
+    """An artifact's bytes do not match the sha256 recorded when it was registered."""
+
+
+class ModelRegistry:
+    """Versions of a model in a folder: ``registry.json`` plus one subfolder per version.
+
+    Stages: ``staging`` when registered, ``production`` when promoted (one at a time), ``archived``
+    when replaced. Every promotion is recorded, so a rollback returns to the previous production
+    version. Artifacts are copied in and verified against their sha256 before every load.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.index = self.root / "registry.json"
+        if not self.index.exists():
+            self._save({"versions": {}, "history": []})
+
+    def _load(self) -> dict[str, Any]:
+        return json.loads(self.index.read_text())
+
+    def _save(self, state: dict[str, Any]) -> None:
+        temporary = self.index.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2, sort_keys=True))
+        temporary.replace(self.index)  # atomic on POSIX: a crash never leaves half a file
+
+    def register(self, artifact: str | Path, version: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        state = self._load()
+        if version in state["versions"]:
+            raise RegistryError(f"version {version!r} is already registered; versions are immutable")
+        source = Path(artifact)
+        if not source.is_file():
+            raise FileNotFoundError(f"artifact {source} does not exist")
+        folder = self.root / version
+        folder.mkdir(parents=True)
+        target = folder / source.name
+        shutil.copy2(source, target)
+        entry = {"version": version, "file": str(target.relative_to(self.root)), "sha256": data.sha256_file(target),
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "staging",
+                 "metadata": metadata or {}}
+        state["versions"][version] = entry
+        self._save(state)
+        return entry
+
+    def get(self, version: str) -> dict[str, Any]:
+        versions = self._load()["versions"]
+        if version not in versions:
+            raise RegistryError(f"unknown version {version!r}; registered: {sorted(versions)}")
+        return versions[version]
+
+    def production(self) -> dict[str, Any] | None:
+        history = self._load()["history"]
+        return self.get(history[-1]) if history else None
+
+    def promote(self, version: str) -> dict[str, Any]:
+        state = self._load()
+        if version not in state["versions"]:
+            raise RegistryError(f"unknown version {version!r}; registered: {sorted(state['versions'])}")
+        for entry in state["versions"].values():
+            if entry["stage"] == "production":
+                entry["stage"] = "archived"
+        state["versions"][version]["stage"] = "production"
+        state["history"].append(version)
+        self._save(state)
+        return state["versions"][version]
+
+    def rollback(self) -> dict[str, Any]:
+        """Return production to the version promoted before the current one."""
+        state = self._load()
+        if len(state["history"]) < 2:
+            raise RegistryError("no previous version to roll back to: promote at least two versions first")
+        current = state["history"].pop()
+        previous = state["history"][-1]
+        state["versions"][current]["stage"] = "archived"
+        state["versions"][previous]["stage"] = "production"
+        self._save(state)
+        LOG.warning("rolled back from %s to %s", current, previous)
+        return state["versions"][previous]
+
+    def path(self, version: str | None = None, verify: bool = True) -> Path:
+        """The artifact's path (default: production), after checking its sha256."""
+        entry = self.get(version) if version else self.production()
+        if entry is None:
+            raise RegistryError("no version is in production yet")
+        path = self.root / entry["file"]
+        if verify:
+            actual = data.sha256_file(path) if path.is_file() else "missing"
+            if actual != entry["sha256"]:
+                raise IntegrityError(f"{path.name} of {entry['version']} has sha256 {actual[:12]}..., registered "
+                                     f"{entry['sha256'][:12]}...: refusing to load a modified artifact")
+        return path
+
+    def table(self) -> pd.DataFrame:
+        rows = [{k: v for k, v in e.items() if k != "metadata"} | e["metadata"] for e in self._load()["versions"].values()]
+        return pd.DataFrame(rows).set_index("version") if rows else pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------- canary and A/B
+
+def two_proportion_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
+    """Difference in success rate (b - a) and the two-sided p-value of a pooled z-test.
+
+    >>> diff, p = two_proportion_test(90, 100, 90, 100); round(diff, 3), round(p, 3)
+    (0.0, 1.0)
+    """
+    from scipy import stats
+
+    if min(n_a, n_b) <= 0:
+        raise ValueError("both groups need at least one observation")
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    pooled = (successes_a + successes_b) / (n_a + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if se == 0:
+        return p_b - p_a, 1.0
+    z = (p_b - p_a) / se
+    return p_b - p_a, float(2 * stats.norm.sf(abs(z)))
+
+
+@dataclass
+class ArmStats:
+    requests: int = 0
+    correct: int = 0
+    labelled: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class CanaryRouter:
+    """Send a share of traffic to a candidate model, sticky by request key; or shadow it.
+
+    ``route(key)`` hashes the key (a user or session id) so the same caller always sees the same
+    model. In ``shadow`` mode every request is answered by the stable model while the candidate
+    also runs on it, and only agreement and latency are recorded.
+    """
+
+    def __init__(self, stable: Any, candidate: Any, share: float = 0.1, shadow: bool = False) -> None:
+        if not 0 <= share <= 1:
+            raise ValueError("share must be in [0, 1]")
+        self.models = {"stable": stable, "candidate": candidate}
+        self.share, self.shadow = share, shadow
+        self.arms = {"stable": ArmStats(), "candidate": ArmStats()}
+        self.shadow_agreements = 0
+        self.shadow_runs = 0
+
+    def route(self, key: str) -> str:
+        bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+        return "candidate" if (not self.shadow and bucket < self.share) else "stable"
+
+    def _run(self, arm: str, x: torch.Tensor) -> tuple[int, float]:
+        start = time.perf_counter()
+        top = self.models[arm].predict(x, top_k=1)[0][0]["class"]
+        return top, (time.perf_counter() - start) * 1000
+
+    def predict(self, key: str, x: torch.Tensor, label: int | None = None) -> tuple[str, int]:
+        arm = self.route(key)
+        answer, ms = self._run(arm, x)
+        stats = self.arms[arm]
+        stats.requests += 1
+        stats.latencies_ms.append(ms)
+        if label is not None:
+            stats.labelled += 1
+            stats.correct += int(answer == label)
+        if self.shadow:
+            shadow_answer, shadow_ms = self._run("candidate", x)
+            shadow = self.arms["candidate"]
+            shadow.requests += 1
+            shadow.latencies_ms.append(shadow_ms)
+            if label is not None:
+                shadow.labelled += 1
+                shadow.correct += int(shadow_answer == label)
+            self.shadow_runs += 1
+            self.shadow_agreements += int(shadow_answer == answer)
+        return arm, answer
+
+    def report(self) -> pd.DataFrame:
+        rows = {arm: {"requests": s.requests, "accuracy": (s.correct / s.labelled) if s.labelled else float("nan"),
+                      "p50_ms": float(np.median(s.latencies_ms)) if s.latencies_ms else float("nan")}
+                for arm, s in self.arms.items()}
+        return pd.DataFrame(rows).T
+
+
+# ----------------------------------------------------------------------------- the checklist
+
+def run_checklist(model_path: str | Path, service_url: str, api_key: str | None = None,
+                  drift_detector: Any = None, measured_latency: dict[str, float] | None = None) -> pd.DataFrame:
+    """Check the chapter's best-practice items against a model artifact and a running service."""
+    import requests
+
+    path = Path(model_path)
+    rows: list[dict[str, object]] = []
+
+    def item(name: str, passed: bool, evidence: str) -> None:
+        rows.append({"item": name, "passed": bool(passed), "evidence": evidence})
+
+    exported = path.suffix in (".onnx", ".pt2") or (path.suffix in (".pt", ".pth") and _is_zip_with(path, "code/"))
+    item("exported to a deployable format", exported, f"{path.name} ({path.suffix or 'no suffix'})")
+    if path.suffix == ".onnx":
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        quantized = bool(ops & {"QuantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger"})
+        item("quantized", quantized, "int8 nodes: " + (", ".join(sorted(ops & {"QuantizeLinear", "QLinearConv",
+                                                                               "ConvInteger"})) or "none"))
+    else:
+        item("quantized", False, "not an ONNX int8 graph")
+    item("latency measured", bool(measured_latency), json.dumps({k: round(v, 2) for k, v in (measured_latency or {}).items()}))
+
+    def get(route: str, **kwargs: Any) -> Any:
+        try:
+            return requests.get(service_url + route, timeout=5, **kwargs)
+        except requests.RequestException as error:
+            return error
+
+    health, ready = get("/health"), get("/ready")
+    health_status = getattr(health, "status_code", health)
+    item("health check answers", health_status == 200, f"GET /health -> {health_status}")
+    ready_ok = getattr(ready, "status_code", None) == 200
+    info = ready.json() if ready_ok else {}
+    item("ready after warm-up", ready_ok and info.get("status") == "ready", f"GET /ready -> {info.get('status')}")
+    item("model version set", bool(info.get("model_version")), f"model_version={info.get('model_version')}")
+    sample = (data.DATA_DIR / "samples" / "digit_7.png").read_bytes()
+    no_key = requests.post(service_url + "/predict", files={"file": ("d.png", sample, "image/png")}, timeout=10)
+    item("authentication on", no_key.status_code == 401, f"POST /predict without a key -> {no_key.status_code}")
+    headers = {"X-API-Key": api_key} if api_key else {}
+    huge = requests.post(service_url + "/predict", files={"file": ("big.png", b"0" * (11 * 2**20), "image/png")},
+                         headers=headers, timeout=30)
+    item("resource limits on", huge.status_code == 413, f"11 MB upload -> {huge.status_code}")
+    garbage = requests.post(service_url + "/predict", files={"file": ("x.png", b"garbage", "image/png")},
+                            headers=headers, timeout=10)
+    clear = garbage.status_code < 500 and "error" in garbage.json()
+    code = garbage.json().get("error", {}).get("code")
+    item("errors handled (4xx JSON, no 500)", clear, f"garbage upload -> {garbage.status_code} {code}")
+    metrics = get("/metrics")
+    item("monitoring: metrics exposed", "inference_requests_total" in getattr(metrics, "text", ""), "GET /metrics")
+    item("batching configured", info.get("batching", {}).get("max_batch_size", 1) > 1, f"batching={info.get('batching')}")
+    docs = get("/openapi.json")
+    item("API documented", getattr(docs, "status_code", None) == 200, "GET /openapi.json")
+    item("drift detection configured", drift_detector is not None,
+         type(drift_detector).__name__ if drift_detector is not None else "none")
+    return pd.DataFrame(rows).set_index("item")
+
+
+def _is_zip_with(path: Path, marker: str) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(marker in name for name in archive.namelist())
+    except (zipfile.BadZipFile, FileNotFoundError):
+        return False

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+
+from course_utils import data, models, production
+from course_utils.serving import serve_in_background
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return models.load_trained_cnn()
+
+
+def test_production_model_predicts_batches_and_single_images(cnn):
+    pm = production.ProductionModel(cnn, device="cpu", version="v1")
+    x, y = data.split_tensors("test")
+    answers = pm.predict(x[:16], top_k=3)
+    assert len(answers) == 16 and len(answers[0]) == 3
+    assert [a[0]["class"] for a in answers] == cnn(x[:16]).argmax(1).tolist()
+    assert pm.predict(x[0])[0][0]["class"] == int(y[0])       # one image, no batch dimension
+    assert pm.stats()["count"] == 2 and pm.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(2, 3, 8, 8), "expected input of shape"),
+    (torch.zeros(2, 1, 8, 8, dtype=torch.int64), "floating-point"),
+    (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
+])
+def test_production_model_rejects_bad_input_clearly(cnn, bad, message):
+    pm = production.ProductionModel(cnn, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        pm.predict(bad)
+    with pytest.raises(ValueError, match="top_k"):
+        pm.predict(torch.zeros(1, 1, 8, 8), top_k=0)
+    assert pm.stats()["errors"] == 1
+
+
+def test_half_precision_casts_inputs_when_asked(cnn, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    pm = production.ProductionModel(models.load_trained_cnn(), device="cpu", half=True)
+    assert pm.dtype == torch.bfloat16
+    x, y = data.split_tensors("test")
+    top = [a[0]["class"] for a in pm.predict(x[:64])]       # float32 inputs are cast, not rejected
+    assert sum(int(t == label) for t, label in zip(top, y[:64].tolist(), strict=True)) >= 60
+
+
+def test_registry_promote_rollback_and_integrity(tmp_path):
+    registry = production.ModelRegistry(tmp_path / "registry")
+    artifact = models.checkpoint_path()
+    registry.register(artifact, "v1", {"accuracy": 0.9833})
+    registry.register(artifact, "v2", {"accuracy": 0.98})
+    with pytest.raises(production.RegistryError, match="immutable"):
+        registry.register(artifact, "v1")
+    with pytest.raises(production.RegistryError, match="no version is in production"):
+        registry.path()
+    with pytest.raises(production.RegistryError, match="no previous version"):
+        registry.rollback()
+    registry.promote("v1")
+    with pytest.raises(production.RegistryError, match="no previous version"):
+        registry.rollback()
+    registry.promote("v2")
+    assert registry.production()["version"] == "v2" and registry.get("v1")["stage"] == "archived"
+    assert registry.rollback()["version"] == "v1" and registry.production()["version"] == "v1"
+    assert registry.get("v2")["stage"] == "archived"
+    assert registry.path().read_bytes() == artifact.read_bytes()
+    registry.path("v2").write_bytes(b"tampered")
+    with pytest.raises(production.IntegrityError, match="refusing to load"):
+        registry.path("v2")
+    with pytest.raises(production.RegistryError, match="unknown version"):
+        registry.promote("v9")
+    assert list(registry.table().index) == ["v1", "v2"]
+    assert json.loads((tmp_path / "registry" / "registry.json").read_text())["history"] == ["v1"]
+
+
+def test_two_proportion_test():
+    diff, p = production.two_proportion_test(900, 1000, 950, 1000)
+    assert diff == pytest.approx(0.05) and p < 0.001
+    assert production.two_proportion_test(50, 100, 51, 100)[1] > 0.5
+    with pytest.raises(ValueError):
+        production.two_proportion_test(1, 0, 1, 1)
+
+
+def test_canary_routes_sticky_shares_and_shadows(cnn):
+    stable = production.ProductionModel(cnn, device="cpu", version="stable")
+    candidate = production.ProductionModel(models.load_trained_cnn(), device="cpu", version="candidate")
+    router = production.CanaryRouter(stable, candidate, share=0.2)
+    keys = [f"user-{i}" for i in range(2000)]
+    arms = [router.route(k) for k in keys]
+    assert arms == [router.route(k) for k in keys], "the same key always goes to the same model"
+    assert 0.15 < arms.count("candidate") / len(arms) < 0.25
+    x, y = data.split_tensors("val")
+    for i in range(60):
+        router.predict(f"user-{i}", x[i], int(y[i]))
+    report = router.report()
+    assert report.requests.sum() == 60
+    shadow = production.CanaryRouter(stable, candidate, share=0.5, shadow=True)
+    for i in range(20):
+        arm, _ = shadow.predict(f"user-{i}", x[i], int(y[i]))
+        assert arm == "stable", "shadow mode answers with the stable model"
+    assert shadow.shadow_runs == 20 and shadow.shadow_agreements == 20
+    with pytest.raises(ValueError):
+        production.CanaryRouter(stable, candidate, share=1.5)
+
+
+def test_checklist_against_a_running_service(tmp_path):
+    from course_utils.monitoring import DriftDetector
+
+    model_path = models.checkpoint_path()
+    with serve_in_background("fastapi", args=["--api-key", "k"]) as server:
+        table = production.run_checklist(model_path, server.url, api_key="k",
+                                         drift_detector=DriftDetector.fit(*data.split_tensors("test")),
+                                         measured_latency={"p50_ms": 1.0})
+    assert table.loc["health check answers", "passed"] and table.loc["authentication on", "passed"]
+    assert table.loc["resource limits on", "passed"] and table.loc["errors handled (4xx JSON, no 500)", "passed"]
+    assert not table.loc["exported to a deployable format", "passed"], "a state_dict is not an export"
+    assert not table.loc["quantized", "passed"]
+    with serve_in_background("fastapi") as open_server:
+        open_table = production.run_checklist(model_path, open_server.url)
+    assert not open_table.loc["authentication on", "passed"] and not open_table.loc["drift detection configured", "passed"]
