@@ -209,6 +209,9 @@ def test_config_reads_environment(monkeypatch):
     assert (config.max_batch_size, config.max_wait_ms, config.api_key, config.default_top_k) == (4, 1.5, "k", 2)
     assert ServiceConfig.from_env(**{"max_batch_size": 1}).max_batch_size == 1
     assert config.to_env()["COURSE_SERVE_MAX_BATCH_SIZE"] == "4"
+    monkeypatch.setenv("COURSE_SERVE_MAX_BATCH_SIZE", "lots")
+    with pytest.raises(ValueError, match="COURSE_SERVE_MAX_BATCH_SIZE='lots' is not a valid int"):
+        ServiceConfig.from_env()
 
 
 def test_cli_validates_its_arguments(capsys):

@@ -17,8 +17,11 @@ from .service import ServiceConfig, configure_request_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = ServiceConfig.from_env()
     parser = argparse.ArgumentParser(prog="python -m course_utils.serving", description=__doc__.split("\n\n")[0])
+    try:
+        defaults = ServiceConfig.from_env()
+    except ValueError as error:
+        parser.error(str(error))
     parser.add_argument("--framework", choices=("fastapi", "flask"), default="fastapi")
     parser.add_argument("--model", default=defaults.model_path,
                         help="model file: .pt/.pth (state_dict or TorchScript), .pt2, .onnx (default: data/ checkpoint)")

@@ -82,7 +82,10 @@ class ServiceConfig:
             raw = os.environ.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
                 kind = type(default) if default is not None else str
-                setattr(config, name, kind(raw))
+                try:
+                    setattr(config, name, kind(raw))
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX + name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         for name, value in overrides.items():
             setattr(config, name, value)
         return config
