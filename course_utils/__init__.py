@@ -13,7 +13,15 @@ Modules, each named after what it holds:
 * :mod:`course_utils.serving` - the inference service (imported on demand)
 """
 
-from . import bench, data, env, export, models, train
+import os
+
+# Idle OpenMP threads sleep instead of spinning. PyTorch's OpenMP runtime reads this once, when
+# torch is first imported: with the default (spin a while after each parallel region) one busy
+# core elsewhere on the machine made the lessons 5-7x slower (measured; see README, "Timings").
+# `make` exports it too, and each lesson's first cell sets it before `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import bench, data, env, export, models, train  # noqa: E402 - after the variable above
 
 __version__ = "0.1.0"
 __all__ = ["bench", "data", "env", "export", "models", "train", "__version__"]

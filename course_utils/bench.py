@@ -130,38 +130,53 @@ def measure_latency(model: Callable[..., Any], inputs: Any, warmup: int = 10, it
     return LatencyStats(samples_ms=samples, batch_size=_batch_size(args))
 
 
-def measure_interleaved(models: Mapping[str, Callable[..., Any]], inputs: Any, warmup: int = 5,
+def measure_interleaved(models: Mapping[str, Callable[..., Any]], inputs: Any | Mapping[str, Any], warmup: int = 5,
                         iters: int = 50, device: str | torch.device | None = None) -> dict[str, LatencyStats]:
     """Time several variants on the same input **in turn** (A, B, C, A, B, C, ...).
 
     Use it when a claim compares variants: on a shared machine background load drifts, and timing
     A for a second and then B for a second lets the drift decide the ratio. Interleaving exposes
     every variant to the same conditions, so ratios of the returned medians are robust.
+    ``inputs`` may also be a dict with one input per variant (same keys as ``models``), to compare
+    batch sizes of one model, for example.
 
     >>> stats = measure_interleaved({"a": torch.nn.Identity(), "b": torch.nn.Identity()}, torch.zeros(2, 3), 1, 4)
     >>> sorted(stats), len(stats["a"].samples_ms)
     (['a', 'b'], 4)
+    >>> linear = torch.nn.Linear(3, 1).eval()
+    >>> stats = measure_interleaved({"b1": linear, "b8": linear}, {"b1": torch.zeros(1, 3), "b8": torch.zeros(8, 3)}, 1, 2)
+    >>> stats["b8"].batch_size
+    8
     """
     if iters < 1 or warmup < 0 or not models:
         raise ValueError("need at least one model, iters >= 1 and warmup >= 0")
     fns = {name: _as_callable(fn) for name, fn in models.items()}
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    if device is None and isinstance(args[0], torch.Tensor):
-        device = args[0].device
+    if isinstance(inputs, Mapping):
+        if set(inputs) != set(fns):
+            raise ValueError(f"per-variant inputs need the same names as the models: {sorted(inputs)} vs {sorted(fns)}")
+        per_variant = {name: inputs[name] for name in fns}
+    else:
+        per_variant = dict.fromkeys(fns, inputs)
+    arguments = {name: value if isinstance(value, tuple) else (value,) for name, value in per_variant.items()}
+    first = next(iter(arguments.values()))[0]
+    if device is None and isinstance(first, torch.Tensor):
+        device = first.device
     dev = torch.device(device) if device is not None else None
     samples = {name: np.empty(iters, dtype=np.float64) for name in fns}
     with torch.inference_mode():
         for _ in range(warmup):
-            for fn in fns.values():
-                fn(*args)
+            for name, fn in fns.items():
+                fn(*arguments[name])
         _sync(dev)
         for i in range(iters):
             for name, fn in fns.items():
+                args = arguments[name]
                 start = time.perf_counter()
                 fn(*args)
                 _sync(dev)
                 samples[name][i] = (time.perf_counter() - start) * 1000.0
-    return {name: LatencyStats(samples_ms=values, batch_size=_batch_size(args)) for name, values in samples.items()}
+    return {name: LatencyStats(samples_ms=values, batch_size=_batch_size(arguments[name]))
+            for name, values in samples.items()}
 
 
 def median_latency(model: Callable[..., Any], inputs: Any, min_run_time: float = 0.5) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,19 @@ def seed_everything(seed: int = DEFAULT_SEED) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
+def configured_threads() -> int:
+    """The thread count lessons pin: ``COURSE_THREADS`` if set, else :data:`DEFAULT_THREADS` (2).
+
+    >>> configured_threads() >= 1
+    True
+    """
+    value = os.environ.get("COURSE_THREADS", str(DEFAULT_THREADS))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"COURSE_THREADS must be a whole number >= 1, got {value!r}") from None
+
+
 def set_threads(n: int | None = None) -> int:
     """Pin torch's intra-op thread count (default ``COURSE_THREADS`` or 2) and return it.
 
@@ -126,7 +140,7 @@ def set_threads(n: int | None = None) -> int:
     1
     """
     if n is None:
-        n = int(os.environ.get("COURSE_THREADS", DEFAULT_THREADS))
+        n = configured_threads()
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     torch.set_num_threads(n)
@@ -144,6 +158,95 @@ def setup(seed: int = DEFAULT_SEED, threads: int | None = None, prefer: str | No
     return pick_device(prefer)
 
 
+#: The CPU features that change which kernels PyTorch, oneDNN and ONNX Runtime pick, by the names
+#: Linux's /proc/cpuinfo uses (x86: "flags", ARM: "Features"), and how the report names them.
+_CPU_FEATURES = {
+    "avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16", "amx_tile": "AMX", "amx_int8": "AMX-INT8",
+    "amx_bf16": "AMX-BF16",
+    "asimd": "NEON", "asimddp": "NEON-dotprod", "i8mm": "I8MM", "bf16": "BF16", "sve": "SVE", "sve2": "SVE2", "sme": "SME",
+}
+#: macOS names of the same ARM features (``sysctl hw.optional...``).
+_MACOS_FEATURES = {"hw.optional.neon": "NEON", "hw.optional.arm.FEAT_DotProd": "NEON-dotprod",
+                   "hw.optional.arm.FEAT_I8MM": "I8MM", "hw.optional.arm.FEAT_BF16": "BF16",
+                   "hw.optional.arm.FEAT_SME": "SME"}
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor block of /proc/cpuinfo as a dict (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_features(cpuinfo: dict[str, str] | None = None) -> list[str]:
+    """The CPU's features that matter for inference speed (SIMD width, int8 dot products, bf16, AMX).
+
+    Speed-ups of compiled kernels, int8 and bf16 depend on these, so every timing table in the
+    course comes with them. ``cpuinfo`` is for tests; by default the running machine is read
+    (Linux: /proc/cpuinfo; macOS: sysctl). An unknown platform gives an empty list.
+
+    >>> cpu_features({"flags": "fpu sse2 avx2 fma avx512f avx512_vnni"})
+    ['AVX2', 'FMA', 'AVX-512', 'AVX512-VNNI']
+    >>> cpu_features({"Features": "fp asimd asimddp i8mm"})
+    ['NEON', 'NEON-dotprod', 'I8MM']
+    """
+    if cpuinfo is None and sys.platform == "darwin":
+        found = []
+        for key, name in _MACOS_FEATURES.items():
+            result = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, check=False)
+            if result.stdout.strip() == "1":
+                found.append(name)
+        return found
+    info = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return [name for flag, name in _CPU_FEATURES.items() if flag in flags]
+
+
+def cpu_name() -> str:
+    """A human-readable CPU model, e.g. ``"AMD EPYC 7B13"`` (falls back to the architecture)."""
+    info = _cpuinfo()
+    name = info.get("model name") or info.get("Hardware") or ""
+    if not name and sys.platform == "darwin":
+        result = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False)
+        name = result.stdout.strip()
+    return name or platform.processor() or platform.machine()
+
+
+def hardware_summary() -> str:
+    """One line naming the CPU, its inference-relevant features, cores and the threads in use.
+
+    Print it next to timings: a speed-up measured on an AVX-512 server says little about an ARM laptop.
+
+    >>> "threads in use" in hardware_summary()
+    True
+    """
+    features = ", ".join(cpu_features()) or "no AVX2/AVX-512/NEON flags found"
+    return (f"{cpu_name()} ({platform.machine()}): {features}; "
+            f"{os.cpu_count()} logical cores, {torch.get_num_threads()} threads in use")
+
+
+def quantized_engine() -> str:
+    """The eager-mode int8 backend for this CPU: ``"x86"`` on Intel/AMD, ``"qnnpack"`` on ARM.
+
+    It is also what ``torch.backends.quantized.engine`` must be set to before the model runs.
+
+    >>> quantized_engine() in ("x86", "fbgemm", "qnnpack")
+    True
+    """
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm", "qnnpack"):
+        if engine in engines:
+            return engine
+    raise RuntimeError(f"this torch build has no int8 CPU backend (supported engines: {engines})")
+
+
 @dataclass(frozen=True)
 class EnvironmentReport:
     """The facts a learner pastes into a bug report."""
@@ -155,6 +258,8 @@ class EnvironmentReport:
     onnxruntime: str
     device: str
     device_name: str
+    cpu: str
+    cpu_features: str
     threads: int
     colab: bool
 
@@ -182,7 +287,7 @@ def environment_report(device: torch.device | None = None) -> EnvironmentReport:
     elif device.type == "mps":
         name = "Apple GPU (MPS)"
     else:
-        name = platform.processor() or platform.machine()
+        name = cpu_name()
     return EnvironmentReport(
         python=platform.python_version(),
         platform=f"{platform.system()} {platform.machine()}",
@@ -191,6 +296,8 @@ def environment_report(device: torch.device | None = None) -> EnvironmentReport:
         onnxruntime=_version("onnxruntime"),
         device=device.type,
         device_name=name,
+        cpu=cpu_name(),
+        cpu_features=", ".join(cpu_features()) or "-",
         threads=torch.get_num_threads(),
         colab=in_colab(),
     )

@@ -89,6 +89,21 @@ def test_plot_comparison_draws_bars_and_checks_columns():
         bench.plot_comparison(table, columns=("nope",))
 
 
+def test_measure_interleaved_takes_one_input_per_variant():
+    seen = []
+
+    def fn(x):
+        seen.append(x.shape[0])
+        return x
+
+    stats = bench.measure_interleaved({"b1": fn, "b4": fn}, {"b1": torch.zeros(1, 2), "b4": torch.zeros(4, 2)},
+                                      warmup=0, iters=2)
+    assert seen == [1, 4, 1, 4]
+    assert (stats["b1"].batch_size, stats["b4"].batch_size) == (1, 4)
+    with pytest.raises(ValueError, match="same names"):
+        bench.measure_interleaved({"b1": fn, "b4": fn}, {"b1": torch.zeros(1, 2)})
+
+
 def test_measure_interleaved_alternates_variants_and_keeps_their_samples():
     order = []
 

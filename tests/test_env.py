@@ -99,3 +99,42 @@ def test_reduced_precision_per_device(monkeypatch):
     assert env.reduced_precision("cpu") == torch.bfloat16
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert env.reduced_precision("cpu") is None
+
+
+def test_configured_threads_reads_the_variable_and_rejects_garbage(monkeypatch):
+    monkeypatch.delenv("COURSE_THREADS", raising=False)
+    assert env.configured_threads() == env.DEFAULT_THREADS
+    monkeypatch.setenv("COURSE_THREADS", "1")
+    assert env.configured_threads() == 1
+    monkeypatch.setenv("COURSE_THREADS", "two")
+    with pytest.raises(ValueError, match="COURSE_THREADS must be a whole number"):
+        env.configured_threads()
+
+
+def test_cpu_features_names_x86_and_arm_flags():
+    assert env.cpu_features({"flags": "sse2 avx2 fma avx512f avx512_bf16 amx_tile amx_int8"}) == [
+        "AVX2", "FMA", "AVX-512", "AVX512-BF16", "AMX", "AMX-INT8"]
+    assert env.cpu_features({"Features": "fp asimd asimddp sve"}) == ["NEON", "NEON-dotprod", "SVE"]
+    assert env.cpu_features({}) == []
+
+
+def test_hardware_summary_and_report_name_the_cpu():
+    line = env.hardware_summary()
+    assert env.cpu_name() in line and f"{torch.get_num_threads()} threads in use" in line
+    report = env.environment_report(torch.device("cpu"))
+    assert report.cpu == env.cpu_name()
+    assert report.cpu_features == (", ".join(env.cpu_features()) or "-")
+
+
+def test_quantized_engine_is_supported_by_this_build():
+    assert env.quantized_engine() in torch.backends.quantized.supported_engines
+
+
+def test_importing_the_package_asks_openmp_not_to_spin():
+    import subprocess
+    import sys
+
+    code = "import os; os.environ.pop('OMP_WAIT_POLICY', None); import course_utils; print(os.environ['OMP_WAIT_POLICY'])"
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, check=True).stdout
+    assert out.strip() == "PASSIVE"

@@ -88,6 +88,12 @@ def test_ort_session_saves_the_optimised_graph_and_rejects_unknown_levels(onnx_p
         export.ort_session(onnx_paths[1], level="max")
 
 
+def test_ort_session_threads_do_not_spin_unless_asked(onnx_paths):
+    key = "session.intra_op.allow_spinning"
+    assert export.ort_session(onnx_paths[1]).get_session_options().get_session_config_entry(key) == "0"
+    assert export.ort_session(onnx_paths[1], spinning=True).get_session_options().get_session_config_entry(key) == "1"
+
+
 def test_providers_are_requested_and_checked():
     assert export.ort_providers("cpu") == ["CPUExecutionProvider"]
     import onnxruntime as ort
