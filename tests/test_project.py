@@ -1,7 +1,10 @@
 """Project hygiene: committed notebooks are fresh, the two install routes agree, CI calls make test."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -89,3 +92,93 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and "make lab" in readme
     commands = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert any(re.search(r"\bmake\b.*\btest\b", line) for line in commands), ".ci/run must call make test"
+
+
+def test_ci_also_runs_the_lax_check_on_the_oldest_supported_set():
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert "make test-compat" in commands, ".ci/run must run the second leg (Python 3.12 + torch 2.13.0, lax)"
+    plan = subprocess.run(["make", "-n", "-B", "test-compat"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert '"torch===2.13.0"' in plan and '"torchvision===0.28.0"' in plan, "exact registry releases, never a +cpu build"
+    assert "--nbval-lax" in plan
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    bounds = {_name(r): r for r in pyproject["project"]["dependencies"]}
+    assert bounds["torch"] == "torch>=2.13" and bounds["torchvision"] == "torchvision>=0.28", "lower bounds = oldest run"
+    assert pyproject["project"]["requires-python"] == ">=3.11"
+
+
+def test_make_lab_passes_allow_root_only_to_root():
+    plan = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lab_line = next(line for line in plan.splitlines() if "jupyter lab" in line)
+    assert ("--allow-root" in lab_line) == (os.geteuid() == 0), lab_line
+
+
+def test_make_exports_a_passive_openmp_wait_policy():
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown = subprocess.run(["make", "-s", "--eval", "show-omp: ; @echo \"$$OMP_WAIT_POLICY\"", "show-omp"], cwd=ROOT,
+                           capture_output=True, text=True, check=True, env=clean).stdout
+    assert shown.strip() == "PASSIVE", "recipes (make test, make lab) must run with OMP_WAIT_POLICY=PASSIVE"
+
+
+def _exercises(nb: dict) -> list[tuple[int, int, int]]:
+    """(stub, solution, check) cell indices of each tagged exercise, in notebook order."""
+    found, stub, solution = [], None, None
+    for i, cell in enumerate(nb["cells"]):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "exercise-stub" in tags:
+            stub = i
+        elif "exercise-solution" in tags:
+            solution = i
+        elif "exercise-check" in tags:
+            assert stub is not None and solution is not None and stub < solution < i, f"cell {i}: stub, solution, check"
+            found.append((stub, solution, i))
+            stub = solution = None
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_lesson_has_a_tagged_exercise_with_a_collapsed_solution(path):
+    nb = json.loads(path.read_text())
+    exercises = _exercises(nb)
+    assert exercises, f"{path.name}: no exercise tagged exercise-stub / exercise-solution / exercise-check"
+    for stub, solution, check in exercises:
+        cells = nb["cells"]
+        meta = cells[solution]["metadata"]
+        assert meta.get("jupyter", {}).get("source_hidden") is True, f"{path.name} cell {solution}: solution not collapsed"
+        assert meta.get("cellView") == "form", f"{path.name} cell {solution}: Colab would show the solution"
+        assert "".join(cells[solution]["source"]).startswith("# @title Reference solution"), "mark the solution cell"
+        assert "".join(cells[check]["source"]).startswith("# Self-check")
+        stub_source = "".join(cells[stub]["source"])
+        assert "TODO" in stub_source and stub_source != "".join(cells[solution]["source"])
+        assert "NotImplementedError" not in stub_source, "a stub must run, so that its self-check can fail on it"
+
+
+GRADER_NOTEBOOK = {
+    "nbformat": 4, "nbformat_minor": 5, "metadata": {},
+    "cells": [
+        {"cell_type": "code", "metadata": {"tags": ["exercise-stub"]}, "execution_count": None, "outputs": [],
+         "source": "def double(x):\n    return x  # TODO"},
+        {"cell_type": "code", "metadata": {"tags": ["exercise-solution"]}, "execution_count": None, "outputs": [],
+         "source": "def double(x):\n    return 2 * x"},
+        {"cell_type": "code", "metadata": {"tags": ["exercise-check"]}, "execution_count": None, "outputs": [],
+         "source": "CHECK"},
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": "assert double(3) == 6"},
+    ],
+}
+
+
+@pytest.mark.parametrize(("check", "verdict"), [
+    ("assert double(3) == 6", "4 passed"),                         # fails on the stub, passes on the solution
+    ("assert double(0) == 0", "the self-check must fail with an AssertionError"),   # cannot fail: a defect
+    ("import json\nassert callable(double)", "the self-check must fail with an AssertionError"),
+])
+def test_the_exercise_grader_rejects_a_check_that_cannot_fail(tmp_path, check, verdict):
+    notebook = json.loads(json.dumps(GRADER_NOTEBOOK))
+    notebook["cells"][2]["source"] = "# Self-check\n" + check
+    (tmp_path / "exercise.ipynb").write_text(json.dumps(notebook))
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbval-lax",
+                             "--nbval-current-env", "exercise.ipynb"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert verdict in result.stdout, result.stdout[-3000:]
+    assert (result.returncode == 0) == (verdict == "4 passed"), result.stdout[-3000:]
