@@ -34,7 +34,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, cloud VMs) unless told it may.
 LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: help setup lab test check test-compat unit notebooks lint serve refresh data bench lock clean
+.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve refresh data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
@@ -88,6 +88,8 @@ $(COMPAT_VENV)/.installed: pyproject.toml constraints.txt
 	$(COMPAT_VENV)/bin/python -c "import torch, torchvision; v = torch.__version__; \
 	    assert v.split('+')[0] == '$(COMPAT_TORCH)' and not v.endswith('+cpu'), v; print('>> compat: torch', v, 'torchvision', torchvision.__version__)"
 	@touch $@
+
+compat-setup: $(COMPAT_VENV)/.installed
 
 test-compat: $(COMPAT_VENV)/.installed
 	$(MAKE) check CHECK_PYTHON=$(CURDIR)/$(COMPAT_VENV)/bin/python
