@@ -21,7 +21,18 @@ import os
 # `make` exports it too, and each lesson's first cell sets it before `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import bench, data, env, export, models, train  # noqa: E402 - after the variable above
+import importlib  # noqa: E402 - after the variable above
+from typing import TYPE_CHECKING  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["bench", "data", "env", "export", "models", "train", "__version__"]
+
+if TYPE_CHECKING:
+    from . import bench, data, env, export, models, train  # noqa: F401
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562: submodules load on first use
+    """``course_utils.bench`` etc. import on first use, so the service never loads pandas or matplotlib."""
+    if name in __all__ and name != "__version__":
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,11 +15,13 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: The C++ program that loads a TorchScript file or an AOTInductor package (no Python).
 CPP_SOURCE = Path(__file__).resolve().parent / "cpp" / "run_model.cpp"
@@ -105,6 +107,8 @@ def artifact_size_bytes(path: str | Path) -> int:
 
 def op_counts(model: Any) -> pd.Series:
     """How many nodes of each op type an ONNX graph has (top level), most common first."""
+    import pandas as pd  # noqa: F811 - imported here so the service never loads pandas
+
     counts = Counter(node.op_type for node in model.graph.node)
     return pd.Series(dict(counts.most_common()), name="nodes", dtype="int64")
 
@@ -112,6 +116,7 @@ def op_counts(model: Any) -> pd.Series:
 def io_signature(model: Any) -> pd.DataFrame:
     """Inputs and outputs of an ONNX graph with dtype and shape; named dims are dynamic."""
     import onnx
+    import pandas as pd  # noqa: F811 - imported here so the service never loads pandas
 
     rows = []
     for kind, values in (("input", model.graph.input), ("output", model.graph.output)):

@@ -377,3 +377,21 @@ def test_flask_in_process():
     assert ok.status_code == 200 and ok.json["predictions"][0]["class"] == 7
     assert client.post("/predict", data={}, headers={"X-API-Key": "bad"}).status_code == 401
     assert client.get("/health").json == {"status": "healthy"}
+
+
+def test_the_service_never_imports_pandas_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, course_utils.serving, course_utils.serving.fastapi_app, course_utils.serving.flask_app, "
+            "course_utils.serving.__main__; print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"the service pulled in {out.strip()}: keep them out of its import path"
+
+
+def test_package_submodules_load_on_first_use():
+    import course_utils
+
+    assert course_utils.bench.measure_latency and course_utils.export.ort_session
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        course_utils.nope  # noqa: B018
