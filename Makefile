@@ -38,7 +38,7 @@ LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
-	@echo "make test     - set up (first time) and run everything: ruff, unit tests, strict nbval"
+	@echo "make test     - set up (first time) and run everything: ruff, mypy, unit tests, strict nbval"
 	@echo "make check    - lax check of every notebook in the ACTIVE environment (cells run, asserts hold) [CHECK_PYTHON=...]"
 	@echo "make test-compat - the lax check on the oldest supported set (Python 3.12, torch $(COMPAT_TORCH)) in $(COMPAT_VENV)"
 	@echo "make serve    - start the inference service (FastAPI, trained CNN) on 127.0.0.1:8000  [SERVE_ARGS=...]"
@@ -66,6 +66,7 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest --doctest-modules course_utils tests $(NBVAL) $(NOTEBOOKS)
 
 # Any environment: no install, no output comparison. Needs pytest and nbval in that environment.
@@ -108,6 +109,7 @@ notebooks: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 refresh: $(STAMP)
 	$(BIN)/python tools/refresh_notebooks.py $(NOTEBOOKS)

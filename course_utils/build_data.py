@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def write_manifest(out: Path) -> Path:
     return manifest
 
 
-def build(out: Path = D.DATA_DIR, seed: int = SEED, epochs: int = EPOCHS) -> dict[str, object]:
+def build(out: Path = D.DATA_DIR, seed: int = SEED, epochs: int = EPOCHS) -> dict[str, Any]:
     """Write splits, samples, checkpoint, card and manifest to ``out``; return the card."""
     torch.set_num_threads(1)  # one thread: bit-identical training on any machine with this torch
     out.mkdir(parents=True, exist_ok=True)

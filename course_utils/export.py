@@ -7,6 +7,7 @@ carries the repetitive parts around them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shlex
@@ -59,7 +60,7 @@ def assert_same_outputs(reference: Callable[..., Any], candidate: Callable[..., 
                                      f"{tuple(expected.shape)} vs {tuple(actual.shape)}")
             diff = (expected - actual).abs().max().item() if expected.numel() else 0.0
             torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol,
-                                       msg=lambda m, s=tuple(x.shape): f"input of shape {s}: {m}")
+                                       msg=functools.partial("input of shape {}: {}".format, tuple(x.shape)))
             worst = max(worst, diff)
             checked += 1
     if checked == 0:

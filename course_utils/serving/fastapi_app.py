@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +51,7 @@ class HealthResponse(BaseModel):
     status: str
 
 
-ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "empty, corrupt, truncated or not an image",
     401: "missing or wrong API key (when the service has one)",
     413: "upload or image too large",

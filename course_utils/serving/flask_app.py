@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .images import ServingError
@@ -29,6 +30,7 @@ def create_app(config: ServiceConfig | None = None) -> Flask:
     config.framework = "flask"
     service = InferenceService(config)
     app = Flask(__name__)
+    assert isinstance(app.json, DefaultJSONProvider)
     app.json.sort_keys = False        # keep the contract's key order, as FastAPI does
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes   # werkzeug answers 413 beyond this
     app.extensions["inference_service"] = service
@@ -68,7 +70,7 @@ def create_app(config: ServiceConfig | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
-        return error_json(error.code or 500, codes.get(error.code, "http_error"), error.description or error.name)
+        return error_json(error.code or 500, codes.get(error.code or 0, "http_error"), error.description or error.name)
 
     @app.errorhandler(Exception)
     def unexpected(_error):  # a bug, never bad input

@@ -57,7 +57,7 @@ def decode_image(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(raw))  # reads the header only
+            image: Image.Image = Image.open(io.BytesIO(raw))  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ServingError(413, "image_too_large",
                                f"the image declares more than {max_pixels:,} pixels; refused before decoding") from None

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -151,7 +152,7 @@ class InferenceService:
         except Exception as error:
             raise ServingError(400, "unprocessable_image", f"the image could not be preprocessed: {error}") from None
 
-    def _answer(self, probabilities: torch.Tensor, top_k: int, started: float) -> dict[str, object]:
+    def _answer(self, probabilities: torch.Tensor, top_k: int, started: float) -> dict[str, Any]:
         return {
             "success": True,
             "predictions": [p.as_json() for p in self.predictor.top_k(probabilities, top_k)],
@@ -159,7 +160,7 @@ class InferenceService:
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
 
-    def predict(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, object]:
+    def predict(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, Any]:
         """The whole request, blocking: for threaded servers (Flask under waitress)."""
         started = time.perf_counter()
         x = self.prepare(raw, content_type)
@@ -169,7 +170,7 @@ class InferenceService:
             probabilities = self.batcher.submit(x).result(timeout=self.config.request_timeout_s)
         return self._answer(probabilities, top_k, started)
 
-    async def predict_async(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, object]:
+    async def predict_async(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, Any]:
         """The whole request without blocking the event loop: for FastAPI."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -199,7 +200,7 @@ class InferenceService:
 
     def readiness(self) -> tuple[int, dict[str, object]]:
         ready = self.predictor.ready
-        body = {"status": "ready" if ready else "loading", "model_version": self.predictor.version,
+        body: dict[str, object] = {"status": "ready" if ready else "loading", "model_version": self.predictor.version,
                 "model_kind": self.predictor.kind, "device": str(self.predictor.device),
                 "batching": {"max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms},
                 "auth": self.auth_enabled}
