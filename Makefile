@@ -34,7 +34,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, cloud VMs) unless told it may.
 LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve refresh data bench lock clean
+.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve resnet18 refresh data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
@@ -42,6 +42,7 @@ help:
 	@echo "make check    - lax check of every notebook in the ACTIVE environment (cells run, asserts hold) [CHECK_PYTHON=...]"
 	@echo "make test-compat - the lax check on the oldest supported set (Python 3.12, torch $(COMPAT_TORCH)) in $(COMPAT_VENV)"
 	@echo "make serve    - start the inference service (FastAPI, trained CNN) on 127.0.0.1:8000  [SERVE_ARGS=...]"
+	@echo "make resnet18 - export the chapter's ResNet-18 (ONNX + ImageNet spec) to serve: SERVE_ARGS=\"--model artifacts/serve/resnet18.onnx\""
 	@echo "make unit     - unit tests and doctests of course_utils only"
 	@echo "make notebooks- strict nbval over notebooks/ only"
 	@echo "make refresh  - re-execute every notebook in place (authors, before committing)"
@@ -100,6 +101,12 @@ serve: $(STAMP)
 	@echo ">> http://127.0.0.1:$(SERVE_PORT)  (docs: http://127.0.0.1:$(SERVE_PORT)/docs, stop: Ctrl-C)"
 	@echo ">> try:  curl -F file=@data/samples/digit_7.png http://127.0.0.1:$(SERVE_PORT)/predict"
 	$(BIN)/python -m course_utils.serving --port $(SERVE_PORT) $(SERVE_ARGS)
+
+# The chapter's model: torchvision ResNet-18 (random weights: nothing is downloaded) with its ImageNet spec.
+#   make resnet18 && make serve SERVE_ARGS="--model artifacts/serve/resnet18.onnx"
+resnet18: artifacts/serve/resnet18.onnx
+artifacts/serve/resnet18.onnx: | $(STAMP)
+	$(BIN)/python -m course_utils.serving.spec resnet18 $@
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest --doctest-modules course_utils tests

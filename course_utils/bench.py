@@ -10,10 +10,10 @@ Rules the helpers enforce, because each one changes the numbers:
   a mean that hides the tail.
 
 :func:`measure_latency` times single calls with ``time.perf_counter``.
-``torch.utils.benchmark.Timer`` is the better tool for a *median* (it handles warm-up, threads
-and CUDA sync and picks the number of runs itself), and :func:`median_latency` wraps it; but it
-times blocks of calls and reports per-block averages, which smooths away exactly the tail
-latency (p95/p99) that a service's users feel - hence the per-call timer for distributions.
+``torch.utils.benchmark.Timer`` is the better tool for a robust *median* alone (it handles
+warm-up, threads and CUDA sync and picks the number of runs itself), but it times blocks of
+calls and reports per-block averages, which smooths away exactly the tail latency (p95/p99)
+that a service's users feel - hence the per-call timer for distributions.
 """
 
 from __future__ import annotations
@@ -177,21 +177,6 @@ def measure_interleaved(models: Mapping[str, Callable[..., Any]], inputs: Any | 
                 samples[name][i] = (time.perf_counter() - start) * 1000.0
     return {name: LatencyStats(samples_ms=values, batch_size=_batch_size(arguments[name]))
             for name, values in samples.items()}
-
-
-def median_latency(model: Callable[..., Any], inputs: Any, min_run_time: float = 0.5) -> float:
-    """Median milliseconds per call, measured by ``torch.utils.benchmark.Timer.blocked_autorange``.
-
-    Use it for a robust single number; use :func:`measure_latency` when you need the tail.
-    """
-    from torch.utils import benchmark
-
-    fn = _as_callable(model)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    timer = benchmark.Timer(stmt="with torch.inference_mode(): fn(*args)",
-                            globals={"fn": fn, "args": args, "torch": torch},
-                            num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
 
 
 def model_size_bytes(obj: nn.Module | str | Path) -> int:

@@ -38,7 +38,7 @@ CLASS_LABELS: tuple[str, ...] = (
 #: (computed by ``python -m course_utils.build_data``, asserted in the tests).
 DIGITS_MEAN = 0.3049
 DIGITS_STD = 0.3758
-#: The chapter's ImageNet statistics, for the 224x224 pipeline.
+#: The chapter's ImageNet statistics, for the 224x224 pipeline (``serving.spec.ModelSpec.imagenet``).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -185,22 +185,6 @@ def to_grey_on_white(image: Image.Image) -> Image.Image:
 def digits_transform() -> Callable[[Image.Image], torch.Tensor]:
     """The preprocessing used by every digits lesson and by the server (see :class:`DigitsTransform`)."""
     return DigitsTransform()
-
-
-def imagenet_transform(resize: int = 256, crop: int = 224) -> Callable[[Image.Image], torch.Tensor]:
-    """The chapter's ImageNet-style pipeline: Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize.
-
-    Any image mode is converted to RGB first (the chapter's ``.convert('RGB')``).
-    """
-    from torchvision import transforms
-
-    return transforms.Compose([
-        transforms.Lambda(lambda im: im.convert("RGB")),
-        transforms.Resize(resize),
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
 
 
 def digit_to_image(pixels: np.ndarray, scale: int = 8) -> Image.Image:

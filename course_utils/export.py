@@ -130,6 +130,49 @@ def io_signature(model: Any) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("name")
 
 
+def onnx_export(model: torch.nn.Module, example: torch.Tensor, path: str | Path, max_batch: int = 1024,
+                input_name: str = "input", output_name: str = "logits") -> Path:
+    """Export ``model`` to one self-contained ONNX file with a dynamic batch dimension (lesson 02's recipe).
+
+    The current exporter (``dynamo=True``, ``dynamic_shapes``); the weights stay inside the file
+    (``external_data=False``), so copying the file copies the model.
+    """
+    path = Path(path)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    torch.onnx.export(model.eval(), (example,), path, dynamo=True, dynamic_shapes=({0: batch},),
+                      input_names=[input_name], output_names=[output_name], external_data=False, verbose=False)
+    return path
+
+
+def quantize_onnx_static(fp32_path: str | Path, out_path: str | Path, calibration: torch.Tensor,
+                         batch_size: int = 64, per_channel: bool = True) -> Path:
+    """Static int8 (QDQ) quantization with ONNX Runtime, calibrated on real inputs (lesson 03's recipe).
+
+    ``calibration`` is a batch of preprocessed inputs (a few hundred is plenty). Pre-processing
+    (shape inference, fusion) first, as ORT recommends; activations uint8, weights int8 per channel.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: b.numpy()} for b in calibration.split(batch_size)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.batches, None)
+
+    prepared = out_path.with_name(out_path.stem + "_pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    prepared.unlink()
+    return out_path
+
+
 def ort_providers(device: torch.device | str | None = None) -> list[str]:
     """Execution providers to request: CUDA first when the device is CUDA and ORT offers it, then CPU."""
     import onnxruntime as ort

@@ -17,7 +17,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,65 +28,53 @@ from torch import nn
 
 from . import data, env
 from .monitoring import LatencyMonitor
+from .serving.contract import API_KEY_HEADER
+from .serving.metrics import REQUESTS_METRIC
+from .serving.predictor import Predictor
+from .serving.spec import ModelSpec
 
 LOG = logging.getLogger("course_utils.production")
 
 
-class ProductionModel:
-    """Wrap an ``nn.Module`` for serving.
+class ProductionModel(Predictor):
+    """Wrap an ``nn.Module`` for serving: a :class:`~course_utils.serving.Predictor` with guard rails.
+
+    It *is* a Predictor - the same four stages (decode, preprocess, predict, encode), so the
+    course's service, the canary router and LitServe serve it as they serve a loaded file - plus
+    what the chapter's wrapper wanted: fp16 on CUDA **with input casting**, input validation that
+    says what it expected, a latency window, a count of rejected inputs, and logs that appear.
 
     >>> pm = ProductionModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), device="cpu")
-    >>> len(pm.predict(torch.zeros(2, 1, 8, 8), top_k=2)), pm.dtype
+    >>> len(pm.classify_batch(torch.zeros(2, 1, 8, 8), top_k=2)), pm.dtype
     (2, torch.float32)
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, half: bool | None = None,
-                 input_shape: tuple[int, ...] = (1, 8, 8), labels: Sequence[str] = data.CLASS_LABELS,
-                 version: str = "unversioned", warmup: int = 3) -> None:
-        self.device = env.pick_device(device) if not isinstance(device, torch.device) else device
-        low = env.reduced_precision(self.device)
-        use_half = (self.device.type == "cuda") if half is None else half
-        self.dtype = low if (use_half and low is not None) else torch.float32
-        self.model = model.eval().to(device=self.device, dtype=self.dtype)
-        self.input_shape = tuple(input_shape)
-        self.labels = tuple(labels)
-        self.version = version
-        self.monitor = LatencyMonitor(window=1000, warmup=0)
+                 spec: ModelSpec | None = None, version: str = "unversioned", warmup: int = 3) -> None:
+        device = env.pick_device(device) if not isinstance(device, torch.device) else device
+        low = env.reduced_precision(device)
+        use_half = (device.type == "cuda") if half is None else half
+        dtype = low if (use_half and low is not None) else torch.float32
+        self.model = model.eval().to(device=device, dtype=dtype)
+        super().__init__(self.model, "eager", version, device, spec, dtype)
         self.errors = 0
-        with torch.inference_mode():
-            for _ in range(warmup):
-                self.model(torch.zeros(1, *self.input_shape, device=self.device, dtype=self.dtype))
+        self.monitor = LatencyMonitor(window=1000, warmup=0)
+        if warmup:
+            self.warmup((1,) * warmup)
+        self.monitor = LatencyMonitor(window=1000, warmup=0)   # warm-up calls are not traffic
         LOG.info("model %s ready on %s (%s)", version, self.device, str(self.dtype).replace("torch.", ""))
 
-    def _validate(self, batch: Any) -> torch.Tensor:
-        x = torch.as_tensor(batch)
-        if x.dim() == len(self.input_shape):
-            x = x.unsqueeze(0)  # one image -> a batch of one
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected input of shape (N, {', '.join(map(str, self.input_shape))}) "
-                             f"or one ({', '.join(map(str, self.input_shape))}) image, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"expected floating-point inputs, got {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise ValueError("inputs contain NaN or infinity")
-        return x
-
-    def predict(self, batch: Any, top_k: int = 3) -> list[list[dict[str, object]]]:
-        """Top-k classes for each image of ``batch``; raises ``ValueError`` on bad input."""
-        if not 1 <= top_k <= len(self.labels):
-            raise ValueError(f"top_k must be in 1..{len(self.labels)}, got {top_k}")
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, timed; a bad batch is counted, logged and refused with a ``ValueError``."""
         try:
-            x = self._validate(batch).to(device=self.device, dtype=self.dtype)  # cast the inputs too
+            x = self.check_batch(batch).to(device=self.device, dtype=self.dtype)   # cast the inputs too
         except ValueError:
             self.errors += 1
             LOG.warning("rejected a batch: invalid input")
             raise
-        logits = self.monitor.run(self.model, x)
-        probabilities = torch.softmax(logits.float(), dim=1).cpu()
-        values, indices = probabilities.topk(top_k, dim=1)
+        probabilities = self.monitor.run(super().predict, x)
         LOG.info("predicted a batch of %d in %.2f ms", len(x), self.monitor.samples[-1])
-        return [[{"class": int(i), "label": self.labels[int(i)], "probability": float(p)}
-                 for p, i in zip(row_p, row_i, strict=True)] for row_p, row_i in zip(values, indices, strict=True)]
+        return probabilities
 
     def stats(self) -> dict[str, float]:
         """Latency over the recent calls (see LatencyMonitor.report) and the count of rejected inputs."""
@@ -237,7 +224,7 @@ class CanaryRouter:
     also runs on it, and only agreement and latency are recorded.
     """
 
-    def __init__(self, stable: Any, candidate: Any, share: float = 0.1, shadow: bool = False) -> None:
+    def __init__(self, stable: Predictor, candidate: Predictor, share: float = 0.1, shadow: bool = False) -> None:
         if not 0 <= share <= 1:
             raise ValueError("share must be in [0, 1]")
         self.models = {"stable": stable, "candidate": candidate}
@@ -250,12 +237,13 @@ class CanaryRouter:
         bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
         return "candidate" if (not self.shadow and bucket < self.share) else "stable"
 
-    def _run(self, arm: str, x: torch.Tensor) -> tuple[int, float]:
+    def _run(self, arm: str, x: torch.Tensor | bytes) -> tuple[int, float]:
         start = time.perf_counter()
-        top = self.models[arm].predict(x, top_k=1)[0][0]["class"]
+        top = self.models[arm].classify(x, top_k=1)[0].index
         return top, (time.perf_counter() - start) * 1000
 
-    def predict(self, key: str, x: torch.Tensor, label: int | None = None) -> tuple[str, int]:
+    def predict(self, key: str, x: torch.Tensor | bytes, label: int | None = None) -> tuple[str, int]:
+        """Answer one request (a preprocessed input or upload bytes) for caller ``key``: (arm, class)."""
         arm = self.route(key)
         answer, ms = self._run(arm, x)
         stats = self.arms[arm]
@@ -325,17 +313,22 @@ def run_checklist(model_path: str | Path, service_url: str, api_key: str | None 
     sample = (data.DATA_DIR / "samples" / "digit_7.png").read_bytes()
     no_key = requests.post(service_url + "/predict", files={"file": ("d.png", sample, "image/png")}, timeout=10)
     item("authentication on", no_key.status_code == 401, f"POST /predict without a key -> {no_key.status_code}")
-    headers = {"X-API-Key": api_key} if api_key else {}
-    huge = requests.post(service_url + "/predict", files={"file": ("big.png", b"0" * (11 * 2**20), "image/png")},
-                         headers=headers, timeout=30)
-    item("resource limits on", huge.status_code == 413, f"11 MB upload -> {huge.status_code}")
+    headers = {API_KEY_HEADER: api_key} if api_key else {}
+    limit = info.get("limits", {}).get("max_upload_bytes")
+    if limit:
+        huge = requests.post(service_url + "/predict", files={"file": ("big.png", b"0" * (limit + 2**20), "image/png")},
+                             headers=headers, timeout=30)
+        item("resource limits on", huge.status_code == 413,
+             f"{(limit + 2**20) / 2**20:.0f} MB upload (limit {limit / 2**20:.0f} MB) -> {huge.status_code}")
+    else:
+        item("resource limits on", False, "GET /ready does not say the upload limit")
     garbage = requests.post(service_url + "/predict", files={"file": ("x.png", b"garbage", "image/png")},
                             headers=headers, timeout=10)
     clear = garbage.status_code < 500 and "error" in garbage.json()
     code = garbage.json().get("error", {}).get("code")
     item("errors handled (4xx JSON, no 500)", clear, f"garbage upload -> {garbage.status_code} {code}")
     metrics = get("/metrics")
-    item("monitoring: metrics exposed", "inference_requests_total" in getattr(metrics, "text", ""), "GET /metrics")
+    item("monitoring: metrics exposed", REQUESTS_METRIC in getattr(metrics, "text", ""), f"GET /metrics: {REQUESTS_METRIC}")
     item("batching configured", info.get("batching", {}).get("max_batch_size", 1) > 1, f"batching={info.get('batching')}")
     docs = get("/openapi.json")
     item("API documented", getattr(docs, "status_code", None) == 200, "GET /openapi.json")

@@ -183,7 +183,7 @@ def test_lambda_refuses_non_events_and_ignores_the_working_directory(handler, tm
     assert handler.lambda_handler(event, None)["statusCode"] == 200
 
 
-def test_torch_free_preprocessing_matches_the_course_transform():
+def test_the_torch_free_twin_matches_the_predictor_stage_by_stage():
     sys.path.insert(0, str(ROOT / "deploy" / "common"))
     try:
         pre = importlib.import_module("digits_preprocess")
@@ -194,11 +194,18 @@ def test_torch_free_preprocessing_matches_the_course_transform():
     for path in data.sample_images():
         image = Image.open(path)
         for variant in (image, image.convert("RGBA"), image.convert("P"), image.convert("RGB").convert("CMYK")):
-            np.testing.assert_allclose(pre.to_input(variant), transform(variant).numpy(), atol=1e-6)
+            np.testing.assert_allclose(pre.preprocess(variant), transform(variant).numpy(), atol=1e-6)
     logits = np.array([[1.0, 2.0, 3.0]])
     np.testing.assert_allclose(pre.softmax(logits), torch.softmax(torch.tensor(logits), 1).numpy(), atol=1e-7)
     with pytest.raises(pre.BadImage):
         pre.decode(b"")
+    from course_utils.serving import Predictor
+    from course_utils.serving.contract import error_body
+
+    predictor = Predictor.load(device="cpu")
+    probabilities = predictor.predict(predictor.preprocess(Image.open(SEVEN)))[0]
+    assert pre.encode(probabilities.numpy(), 3) == [p.as_json() for p in predictor.encode(probabilities, 3)]
+    assert pre.error_body("bad_image", "why") == error_body("bad_image", "why")
 
 
 # ----------------------------------------------------------------------------- TorchServe and LitServe, for real
@@ -239,6 +246,7 @@ def test_litserve_serves_the_same_contract():
         assert ok.status_code == 200 and ok.json()["predictions"][0]["class"] == 7
         bad = requests.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x", b"text", "text/plain")}, timeout=30)
         assert bad.status_code in (400, 415)
+        assert bad.json()["detail"]["error"]["code"] in ("not_an_image", "unsupported_media_type")
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=20)

@@ -8,8 +8,9 @@ import torch
 
 from course_utils import data, models, monitoring
 from course_utils.serving import ServiceConfig
+from course_utils.serving.contract import request_id
 from course_utils.serving.metrics import ServiceMetrics
-from course_utils.serving.service import configure_request_logging, request_id
+from course_utils.serving.service import configure_request_logging
 
 
 def test_latency_monitor_excludes_warmup_and_keeps_a_window():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from course_utils import data, models, production
-from course_utils.serving import serve_in_background
+from course_utils.serving import Predictor, serve_in_background
 
 
 @pytest.fixture(scope="module")
@@ -15,15 +15,16 @@ def cnn():
 def test_production_model_predicts_batches_and_single_images(cnn):
     pm = production.ProductionModel(cnn, device="cpu", version="v1")
     x, y = data.split_tensors("test")
-    answers = pm.predict(x[:16], top_k=3)
+    answers = pm.classify_batch(x[:16], top_k=3)
     assert len(answers) == 16 and len(answers[0]) == 3
-    assert [a[0]["class"] for a in answers] == cnn(x[:16]).argmax(1).tolist()
-    assert pm.predict(x[0])[0][0]["class"] == int(y[0])       # one image, no batch dimension
+    assert [a[0].index for a in answers] == cnn(x[:16]).argmax(1).tolist()
+    assert pm.classify(x[0])[0].index == int(y[0])       # one image, no batch dimension
     assert pm.stats()["count"] == 2 and pm.dtype == torch.float32
+    assert isinstance(pm, Predictor) and pm.ready       # the same predictor every front end serves
 
 
 @pytest.mark.parametrize("bad, message", [
-    (torch.zeros(2, 3, 8, 8), "expected input of shape"),
+    (torch.zeros(2, 3, 8, 8), r"expected a batch \(N, 1, 8, 8\)"),
     (torch.zeros(2, 1, 8, 8, dtype=torch.int64), "floating-point"),
     (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
 ])
@@ -32,7 +33,7 @@ def test_production_model_rejects_bad_input_clearly(cnn, bad, message):
     with pytest.raises(ValueError, match=message):
         pm.predict(bad)
     with pytest.raises(ValueError, match="top_k"):
-        pm.predict(torch.zeros(1, 1, 8, 8), top_k=0)
+        pm.classify(torch.zeros(1, 8, 8), top_k=0)
     assert pm.stats()["errors"] == 1
 
 
@@ -41,7 +42,7 @@ def test_half_precision_casts_inputs_when_asked(cnn, monkeypatch):
     pm = production.ProductionModel(models.load_trained_cnn(), device="cpu", half=True)
     assert pm.dtype == torch.bfloat16
     x, y = data.split_tensors("test")
-    top = [a[0]["class"] for a in pm.predict(x[:64])]       # float32 inputs are cast, not rejected
+    top = [a[0].index for a in pm.classify_batch(x[:64])]       # float32 inputs are cast, not rejected
     assert sum(int(t == label) for t, label in zip(top, y[:64].tolist(), strict=True)) >= 60
 
 

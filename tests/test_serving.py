@@ -113,7 +113,7 @@ def test_broken_uploads_raise_client_errors(name):
     with pytest.raises(ServingError) as caught:
         decode_image(raw)
     assert (caught.value.status, caught.value.code) == (status, code)
-    assert caught.value.as_json()["success"] is False and caught.value.message
+    assert caught.value.message and str(caught.value).startswith(f"{status} {code}: ")
 
 
 def test_pixel_limit_is_configurable():
@@ -185,7 +185,7 @@ def test_predictor_loads_every_format_and_agrees(kind, exported_models):
     assert probabilities.shape == (64, 10)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(64))
     assert (probabilities.argmax(1) == y[:64]).float().mean() > 0.95
-    top = predictor.top_k(probabilities[0], 3)
+    top = predictor.encode(probabilities[0], 3)
     assert [p.index for p in top] == probabilities[0].topk(3).indices.tolist()
     assert top[0].label == data.CLASS_LABELS[top[0].index]
 
@@ -395,3 +395,171 @@ def test_package_submodules_load_on_first_use():
     assert course_utils.bench.measure_latency and course_utils.export.ort_session
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         course_utils.nope  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- one contract, every client
+
+def _multipart(size: int) -> bytes:
+    return (b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+            + b"\x89PNG" + b"0" * size + b"\r\n--x--\r\n")
+
+
+def _send(client: str, url: str, body: bytes, chunked: bool, key: str = API_KEY) -> tuple[int, dict]:
+    """POST ``body`` as multipart with one of the common HTTP clients; (status, JSON answer)."""
+    import json
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    import httpx
+
+    headers = {"Content-Type": "multipart/form-data; boundary=x", "X-API-Key": key}
+    pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+    if client == "urllib":
+        request = urllib.request.Request(url, data=iter(pieces) if chunked else body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+    if client == "requests":
+        answer = requests.post(url, data=iter(pieces) if chunked else body, headers=headers, timeout=30)
+        return answer.status_code, answer.json()
+    if client == "httpx":
+        answer = httpx.post(url, content=iter(pieces) if chunked else body, headers=headers, timeout=30)
+        return answer.status_code, answer.json()
+    with tempfile.NamedTemporaryFile(suffix=".bin") as upload:
+        upload.write(body)
+        upload.flush()
+        extra = ["-H", "Transfer-Encoding: chunked"] if chunked else []
+        out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "--data-binary", f"@{upload.name}", *extra,
+                              *sum((["-H", f"{k}: {v}"] for k, v in headers.items()), []), url],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    text, status = out.rsplit("\n", 1)
+    return int(status), json.loads(text)
+
+
+CLIENTS = [(c, chunked) for c in ("urllib", "requests", "httpx", "curl") for chunked in (False, True)]
+
+
+@pytest.mark.parametrize("client, chunked", CLIENTS, ids=[f"{c}-{'chunked' if k else 'length'}" for c, k in CLIENTS])
+def test_an_oversized_body_is_413_for_every_common_client(server, client, chunked):
+    # urllib sends its whole body before it reads: a server that answers and closes mid-upload resets it
+    status, body = _send(client, server.url + "/predict", _multipart(20 * 2**20), chunked)
+    assert (status, body["error"]["code"]) == (413, "payload_too_large"), body
+    assert "1,048,576" in body["error"]["message"]
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_early_error_reaches_a_client_still_sending(server, chunked):
+    status, body = _send("urllib", server.url + "/predict", _multipart(900 * 1024), chunked, key="wrong")
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+    status, body = _send("urllib", server.url + "/predict", b"0" * (900 * 1024), chunked)
+    assert 400 <= status < 500 and body["success"] is False
+
+
+def test_the_contract_is_defined_once():
+    """The envelope, the code map, the header names and the field names live in contract.py only."""
+    from pathlib import Path
+
+    import course_utils
+
+    package = Path(course_utils.__file__).parent
+    for needle in ('"success": False, "error"', '404: "not_found"', '"X-API-Key"', '"X-Request-ID"',
+                   '"missing_file"', '"payload_too_large"', '"inference_requests_total"'):
+        holders = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if needle in p.read_text())
+        assert len(holders) == 1, f"{needle} is written in {holders}"
+
+
+def test_flask_env_factory_writes_the_request_log(monkeypatch, capsys):
+    import json
+
+    from course_utils.serving.flask_app import create_app_from_env
+
+    monkeypatch.setenv("COURSE_SERVE_MAX_BATCH_SIZE", "1")
+    client = create_app_from_env().test_client()   # what `waitress-serve --call` runs
+    ok = client.post("/predict", data={"file": (io.BytesIO(SEVEN.read_bytes()), "d.png", "image/png")},
+                     headers={"X-Request-ID": "abc-1"})
+    bad = client.post("/predict", data={"file": (io.BytesIO(b"nope"), "d.png", "image/png")})
+    assert (ok.status_code, bad.status_code) == (200, 400) and ok.headers["X-Request-ID"] == "abc-1"
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [(r["request_id"], r["status"], r.get("predicted_class")) for r in lines][0] == ("abc-1", 200, 7)
+    assert lines[1]["status"] == 400 and lines[1]["error_code"] == "not_an_image"
+
+
+# ----------------------------------------------------------------------------- the Open Inference Protocol
+
+def test_tritonclient_talks_to_both_front_ends(server):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    def auth():   # a new dict each call: tritonclient writes its Inference-Header-Content-Length into it
+        return {"X-API-Key": API_KEY}
+
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
+    metadata = client.get_model_metadata("digits")
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    x, y = data.split_tensors("test")
+    expected = Predictor.load(device="cpu").predict(x[:20]).numpy()
+    for binary in (True, False):
+        tensor = triton.InferInput("input", [20, 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(x[:20].numpy(), binary_data=binary)
+        result = client.infer("digits", [tensor], headers=auth(), request_id="r-1",
+                              outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary)])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+        assert result.get_response()["id"] == "r-1"
+    default = client.infer("digits", [tensor], headers=auth()).as_numpy("probabilities")   # binary by default
+    assert (default.argmax(1) == expected.argmax(1)).all() and (expected.argmax(1) == y[:20].numpy()).mean() > 0.9
+    with pytest.raises(InferenceServerException, match="X-API-Key") as no_key:
+        client.infer("digits", [tensor])
+    assert no_key.value.status() == "401"
+    with pytest.raises(InferenceServerException, match="serves 'digits'") as unknown:
+        client.infer("resnet", [tensor], headers=auth())
+    assert unknown.value.status() == "404"
+    wrong = triton.InferInput("input", [1, 3, 8, 8], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(InferenceServerException, match=r"shape must be \[N, 1, 8, 8\]"):
+        client.infer("digits", [wrong], headers=auth())
+    metrics = requests.get(server.url + "/metrics", timeout=5).text
+    assert 'endpoint="/v2/models/{name}/infer",status="200"' in metrics
+
+
+V2_BAD = {
+    "not json": (b"{nope", {}, 400, "bad_request"),
+    "no inputs": (b'{"outputs": []}', {}, 400, "bad_request"),
+    "wrong name": (b'{"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": []}]}', {}, 400,
+                   "invalid_tensor"),
+    "too few values": (b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1]}]}',
+                       {}, 400, "invalid_tensor"),
+    "strings": (b'{"inputs": [{"name": "input", "shape": [1, 1, 1, 1], "datatype": "FP32", "data": ["a"]}]}',
+                {}, 400, "invalid_tensor"),
+    "int datatype": (b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT8", "data": []}]}',
+                     {}, 400, "invalid_tensor"),
+    "NaN": (('{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [NaN'
+             + ", 0" * 63 + "]}]}").encode(), {}, 400, "invalid_tensor"),
+    "too many inputs": (b'{"inputs": [{"name": "input", "shape": [257, 1, 8, 8], "datatype": "FP32", "data": []}]}',
+                        {}, 400, "invalid_tensor"),
+    "binary size lies": (b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", '
+                         b'"parameters": {"binary_data_size": 256}}]}' + b"\0" * 10, {"header": True}, 400,
+                         "invalid_tensor"),
+    "header length lies": (b"{}", {"length": "999"}, 400, "bad_request"),
+    "unknown output": (('{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0'
+                        + ", 0" * 63 + ']}], "outputs": [{"name": "logits"}]}').encode(), {}, 400, "unknown_output"),
+}
+
+
+@pytest.mark.parametrize("name", list(V2_BAD))
+def test_v2_bad_requests_get_a_4xx_in_the_protocols_shape(server, name):
+    body, how, status, code = V2_BAD[name]
+    headers = {"X-API-Key": API_KEY}
+    if how.get("header"):
+        headers["Inference-Header-Content-Length"] = str(body.index(b"}]}") + 3)
+    if "length" in how:
+        headers["Inference-Header-Content-Length"] = how["length"]
+    answer = requests.post(server.url + "/v2/models/digits/infer", data=body, headers=headers, timeout=10)
+    assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
+    assert isinstance(answer.json()["error"], str) and answer.json()["error"]
+    assert requests.get(server.url + "/v2/health/ready", timeout=5).json() == {"ready": True}

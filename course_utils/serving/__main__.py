@@ -3,6 +3,7 @@
     python -m course_utils.serving                      # FastAPI + uvicorn, the trained CNN, 127.0.0.1:8000
     python -m course_utils.serving --framework flask    # Flask + waitress
     python -m course_utils.serving --model artifacts/02_onnx/cnn.onnx --api-key s3cret --port 9000
+    python -m course_utils.serving --model resnet18.onnx   # preprocessing + labels: resnet18.onnx.spec.json
 
 Every option can also come from a ``COURSE_SERVE_*`` environment variable (see ServiceConfig).
 """
@@ -25,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--framework", choices=("fastapi", "flask"), default="fastapi")
     parser.add_argument("--model", default=defaults.model_path,
                         help="model file: .pt/.pth (state_dict or TorchScript), .pt2, .onnx (default: data/ checkpoint)")
+    parser.add_argument("--spec", default=defaults.spec_path,
+                        help="model spec JSON: input size, resize/crop, mean/std, labels (default: <model>.spec.json "
+                             "next to the model if it exists, else the digits spec)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=defaults.api_key,
@@ -48,18 +52,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--port must be 1-65535, got {args.port}")
     if args.model is not None and not os.path.isfile(args.model):
         parser.error(f"--model {args.model}: no such file")
+    from .spec import ModelSpec, ModelSpecError
+
+    spec_file = args.spec or (ModelSpec.sidecar(args.model) if args.model else None)
+    if args.spec is not None and not os.path.isfile(args.spec):
+        parser.error(f"--spec {args.spec}: no such file")
+    if spec_file is not None and os.path.isfile(spec_file):
+        try:
+            ModelSpec.load(spec_file)      # a bad spec is one line here, not a traceback from a worker
+        except ModelSpecError as error:
+            parser.error(f"model spec {error}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.workers if args.framework == "fastapi" else 1))
-    config = ServiceConfig.from_env(threads=threads, model_path=args.model, api_key=args.api_key, device=args.device,
+    config = ServiceConfig.from_env(threads=threads, model_path=args.model, spec_path=args.spec, api_key=args.api_key,
+                                    device=args.device,
                                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                     max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework)
     os.environ.update(config.to_env())  # worker processes rebuild the config from the environment
     configure_request_logging()          # one JSON line per /predict request, on stderr
-    print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'},"
+    print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'}"
+          f"{', spec: ' + config.spec_path if config.spec_path else ''},"
           f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, workers: {args.workers}, torch threads: {threads},"
           f" auth: {'on' if config.api_key else 'off'})",
           file=sys.stderr, flush=True)

@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .contract import ServingError
 
 #: Formats a camera, phone or browser produces, as Pillow names them.
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
 #: Declared content types that are not refused outright (the bytes decide).
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: larger than any phone photo, far below a bomb
-
-
-@dataclass
-class ServingError(Exception):
-    """A client error with an HTTP status, a stable machine-readable code and a human message."""
-
-    status: int
-    code: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.code}: {self.message}"
-
-    def as_json(self) -> dict[str, object]:
-        return {"success": False, "error": {"code": self.code, "message": self.message}}
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -80,8 +66,6 @@ def decode_image(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         image.seek(0)           # first frame of an animated GIF/WebP/multi-page TIFF
         image.load()            # decode now, so truncation is detected here
         image = ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
-    except ServingError:
-        raise
     except Exception as error:
         raise ServingError(400, "corrupt_image", f"the image could not be decoded: {error}") from None
     return image

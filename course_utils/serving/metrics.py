@@ -6,6 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+REQUESTS_METRIC = "inference_requests_total"
 
 
 class ServiceMetrics:
@@ -15,7 +16,7 @@ class ServiceMetrics:
 
     def __init__(self, model_version: str, framework: str) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("inference_requests_total", "HTTP requests by endpoint and status code",
+        self.requests = Counter(REQUESTS_METRIC, "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("inference_request_latency_seconds", "Time to answer a request, in seconds",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -34,9 +35,21 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
-KNOWN_ENDPOINTS = ("/predict", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+KNOWN_ENDPOINTS = ("/predict", "/health", "/ready", "/metrics", "/docs", "/openapi.json",
+                   "/v2", "/v2/health/live", "/v2/health/ready")
 
 
 def endpoint_label(path: str) -> str:
-    """Bound the label's cardinality: unknown paths (scanners, typos) share one label."""
-    return path if path in KNOWN_ENDPOINTS else "other"
+    """Bound the label's cardinality: unknown paths (scanners, typos) share one label.
+
+    >>> endpoint_label("/v2/models/digits/infer"), endpoint_label("/wp-admin")
+    ('/v2/models/{name}/infer', 'other')
+    """
+    if path in KNOWN_ENDPOINTS:
+        return path
+    parts = path.split("/")
+    if len(parts) == 4 and parts[1:3] == ["v2", "models"] and parts[3]:
+        return "/v2/models/{name}"
+    if len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[3] and parts[4] in ("ready", "infer"):
+        return "/v2/models/{name}/" + parts[4]
+    return "other"

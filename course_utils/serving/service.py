@@ -12,26 +12,40 @@ import hmac
 import json
 import logging
 import os
-import re
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import v2
 from .batching import DynamicBatcher
-from .images import DEFAULT_MAX_PIXELS, ServingError, check_content_type, decode_image
-from .metrics import ServiceMetrics
+from .contract import API_KEY_HEADER, ServingError, payload_too_large, request_id
+from .images import DEFAULT_MAX_PIXELS, check_content_type
+from .metrics import ServiceMetrics, endpoint_label
 from .predictor import Predictor
 
-API_KEY_HEADER = "X-API-Key"
-REQUEST_ID_HEADER = "X-Request-ID"
 ENV_PREFIX = "COURSE_SERVE_"
 #: One JSON line per request on this logger (configure_request_logging sends it to stderr).
 REQUEST_LOG = logging.getLogger("course_utils.serving.requests")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+#: Requests that get a line in the request log (probes and metrics scrapes do not).
+LOGGED_ENDPOINTS = ("/predict", "/v2/models/{name}/infer")
+
+
+@dataclass
+class RequestRecord:
+    """What the front end learns about one request while answering it, for metrics and the log."""
+
+    request_id: str
+    method: str
+    endpoint: str
+    started: float
+    predicted_class: int | None = None
+    error_code: str | None = None
+    finished: bool = False
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -53,23 +67,19 @@ def configure_request_logging(stream=None) -> logging.Handler:
     return handler
 
 
-def request_id(incoming: str | None) -> str:
-    """Reuse a caller's X-Request-ID if it is a plain token (no log injection), else make one."""
-    return incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
-
-
 @dataclass
 class ServiceConfig:
     """Everything a deployment may want to change; every field has an environment variable."""
 
     model_path: str | None = None          # COURSE_SERVE_MODEL (default: the trained checkpoint)
+    spec_path: str | None = None           # COURSE_SERVE_SPEC (default: <model>.spec.json if present, else digits)
     device: str | None = None              # COURSE_SERVE_DEVICE (default: best available)
     api_key: str | None = None             # COURSE_SERVE_API_KEY (default: no auth)
     max_upload_bytes: int = 10 * 2**20     # COURSE_SERVE_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS   # COURSE_SERVE_MAX_PIXELS
     max_batch_size: int = 32               # COURSE_SERVE_MAX_BATCH_SIZE (1 = no batching)
     max_wait_ms: float = 0.0               # COURSE_SERVE_MAX_WAIT_MS (0 = greedy: take what is queued)
-    default_top_k: int = 3                 # COURSE_SERVE_DEFAULT_TOP_K
+    default_top_k: int = 0                 # COURSE_SERVE_DEFAULT_TOP_K (0 = the model spec's: digits 3, ImageNet 5)
     request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
     model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
     threads: int = 0                       # COURSE_SERVE_THREADS: torch intra-op threads (0 = torch's default)
@@ -96,17 +106,26 @@ class ServiceConfig:
 
 
 class InferenceService:
-    """A loaded, warmed-up model behind the checks of the HTTP contract."""
+    """A loaded, warmed-up model behind the checks of the HTTP contract.
 
-    def __init__(self, config: ServiceConfig) -> None:
+    ``predictor`` serves a predictor you built yourself (a ``ProductionModel``, say) instead of
+    loading ``config.model_path``.
+    """
+
+    def __init__(self, config: ServiceConfig, predictor: Predictor | None = None) -> None:
         if config.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.config = config
         if config.threads > 0:
             torch.set_num_threads(config.threads)   # per worker process: workers x threads <= cores
-        self.predictor = Predictor.load(config.model_path, device=config.device, version=config.model_version)
+        if predictor is None:
+            from .spec import ModelSpec
+
+            spec = ModelSpec.load(config.spec_path) if config.spec_path else None
+            predictor = Predictor.load(config.model_path, device=config.device, version=config.model_version, spec=spec)
+        self.predictor = predictor
         self.metrics = ServiceMetrics(self.predictor.version, config.framework)
-        self.warmup_s = self.predictor.warmup()
+        self.predictor.warmup()
         self.batcher: DynamicBatcher | None = None
         if config.max_batch_size > 1:
             self.batcher = DynamicBatcher(self.predictor.predict, config.max_batch_size, config.max_wait_ms,
@@ -129,7 +148,7 @@ class InferenceService:
     def parse_top_k(self, raw: str | None) -> int:
         """``?top_k=`` as an int in 1..number of classes, or a 422 saying what is accepted."""
         if raw is None or raw == "":
-            return min(self.config.default_top_k, len(self.predictor.labels))
+            return min(self.config.default_top_k or self.predictor.spec.top_k, len(self.predictor.labels))
         try:
             k = int(raw)
         except ValueError:
@@ -143,45 +162,83 @@ class InferenceService:
     def prepare(self, raw: bytes, content_type: str | None) -> torch.Tensor:
         """Bytes -> model input, or a ServingError (CPU work: run it off the event loop)."""
         if len(raw) > self.config.max_upload_bytes:
-            raise ServingError(413, "payload_too_large",
-                               f"the upload is {len(raw):,} bytes; the limit is {self.config.max_upload_bytes:,}")
+            raise payload_too_large(self.config.max_upload_bytes, len(raw))
         check_content_type(content_type)
-        image = decode_image(raw, self.config.max_pixels)
+        image = self.predictor.decode(raw, self.config.max_pixels)
         try:
             return self.predictor.preprocess(image)
         except Exception as error:
             raise ServingError(400, "unprocessable_image", f"the image could not be preprocessed: {error}") from None
 
-    def _answer(self, probabilities: torch.Tensor, top_k: int, started: float) -> dict[str, Any]:
+    def _answer(self, probabilities: torch.Tensor, top_k: int, started: float,
+                record: RequestRecord | None) -> dict[str, Any]:
+        predictions = self.predictor.encode(probabilities, top_k)
+        if record is not None:
+            record.predicted_class = predictions[0].index
         return {
             "success": True,
-            "predictions": [p.as_json() for p in self.predictor.top_k(probabilities, top_k)],
+            "predictions": [p.as_json() for p in predictions],
             "model_version": self.predictor.version,
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
 
-    def predict(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, Any]:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities for a batch, blocking, through the batcher when there is one."""
+        if self.batcher is None:
+            return self.predictor.predict(x)
+        futures = [self.batcher.submit(row) for row in x]
+        return torch.stack([future.result(timeout=self.config.request_timeout_s) for future in futures])
+
+    async def _run_async(self, x: torch.Tensor) -> torch.Tensor:
+        """The same without blocking the event loop."""
+        if self.batcher is None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict, x)
+        futures = [asyncio.wrap_future(self.batcher.submit(row)) for row in x]
+        return torch.stack(await asyncio.wait_for(asyncio.gather(*futures), self.config.request_timeout_s))
+
+    def predict(self, raw: bytes, content_type: str | None, top_k: int,
+                record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole request, blocking: for threaded servers (Flask under waitress)."""
         started = time.perf_counter()
         x = self.prepare(raw, content_type)
-        if self.batcher is None:
-            probabilities = self.predictor.predict(x.unsqueeze(0))[0]
-        else:
-            probabilities = self.batcher.submit(x).result(timeout=self.config.request_timeout_s)
-        return self._answer(probabilities, top_k, started)
+        return self._answer(self._run(x.unsqueeze(0))[0], top_k, started, record)
 
-    async def predict_async(self, raw: bytes, content_type: str | None, top_k: int) -> dict[str, Any]:
+    async def predict_async(self, raw: bytes, content_type: str | None, top_k: int,
+                            record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole request without blocking the event loop: for FastAPI."""
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        x = await loop.run_in_executor(None, self.prepare, raw, content_type)   # decode in a thread
-        if self.batcher is None:
-            rows = await loop.run_in_executor(None, self.predictor.predict, x.unsqueeze(0))
-            probabilities = rows[0]
-        else:
-            future = asyncio.wrap_future(self.batcher.submit(x))
-            probabilities = await asyncio.wait_for(future, self.config.request_timeout_s)
-        return self._answer(probabilities, top_k, started)
+        x = await asyncio.get_running_loop().run_in_executor(None, self.prepare, raw, content_type)  # decode in a thread
+        return self._answer((await self._run_async(x.unsqueeze(0)))[0], top_k, started, record)
+
+    # ------------------------------------------------------------------ the Open Inference Protocol
+    def infer_v2(self, name: str, body: bytes, header_length: str | None) -> v2.InferAnswer:
+        """``POST /v2/models/{name}/infer``, blocking."""
+        v2.check_model(self.predictor, name)
+        request = v2.parse_infer_request(self.predictor, body, header_length)
+        return v2.encode_infer_response(self.predictor, name, request, self._run(request.inputs))
+
+    async def infer_v2_async(self, name: str, body: bytes, header_length: str | None) -> v2.InferAnswer:
+        v2.check_model(self.predictor, name)
+        request = v2.parse_infer_request(self.predictor, body, header_length)
+        return v2.encode_infer_response(self.predictor, name, request, await self._run_async(request.inputs))
+
+    # ------------------------------------------------------------------ metrics and the request log
+    def begin(self, method: str, path: str, incoming_id: str | None) -> RequestRecord:
+        """Called by the front end when a request arrives."""
+        self.metrics.in_flight.inc()
+        return RequestRecord(request_id(incoming_id), method, endpoint_label(path), time.perf_counter())
+
+    def finish(self, record: RequestRecord, status: int) -> None:
+        """Called once when the answer leaves: metrics, and one JSON log line for inference requests."""
+        if record.finished:
+            return
+        record.finished = True
+        seconds = time.perf_counter() - record.started
+        self.metrics.in_flight.dec()
+        self.metrics.observe(record.endpoint, status, seconds)
+        if record.endpoint in LOGGED_ENDPOINTS:
+            self.log_request(record.request_id, record.method, record.endpoint, status, seconds * 1000,
+                             record.predicted_class, record.error_code)
 
     def log_request(self, rid: str, method: str, path: str, status: int, latency_ms: float,
                     predicted_class: int | None = None, error_code: str | None = None) -> None:
@@ -202,7 +259,9 @@ class InferenceService:
         ready = self.predictor.ready
         body: dict[str, object] = {"status": "ready" if ready else "loading", "model_version": self.predictor.version,
                 "model_kind": self.predictor.kind, "device": str(self.predictor.device),
+                "model_spec": self.predictor.spec.name, "classes": len(self.predictor.labels),
                 "batching": {"max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms},
+                "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels},
                 "auth": self.auth_enabled}
         return (200 if ready else 503), body
 

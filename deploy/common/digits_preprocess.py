@@ -1,7 +1,10 @@
-"""Digits preprocessing without torch: the same numbers as course_utils.data.DigitsTransform.
+"""The course's predictor stages without torch, for the digits model: decode, preprocess, encode.
 
-Deployment targets that cannot carry PyTorch (an AWS Lambda zip, a TorchServe archive that must
-be self-contained) copy this file. tests/test_deploy.py checks it against the course's transform.
+Deployment targets that cannot carry PyTorch or the course's package (an AWS Lambda zip, a
+TorchServe archive that must be self-contained) copy this one file. It is the torch-free twin of
+``course_utils.serving.Predictor`` (same stage names, same numbers as the digits ``ModelSpec``,
+the same error envelope as ``course_utils.serving.contract``); tests/test_deploy.py pins each
+function to the package's.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def decode(raw: bytes) -> Image.Image:
         raise BadImage(f"the image could not be decoded: {error}") from None
 
 
-def to_input(image: Image.Image) -> np.ndarray:
+def preprocess(image: Image.Image) -> np.ndarray:
     """Any image -> float32 (1, 8, 8): grey on white paper, box-resized, ink in [0, 1], normalised."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -62,6 +65,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def top_k(probabilities: np.ndarray, k: int = 3) -> list[dict[str, object]]:
+def encode(probabilities: np.ndarray, k: int = 3) -> list[dict[str, object]]:
+    """The top-k answer of one row of probabilities, as the course's service writes it."""
     order = np.argsort(-probabilities)[:k]
     return [{"class": int(i), "label": LABELS[int(i)], "probability": round(float(probabilities[i]), 6)} for i in order]
+
+
+def error_body(code: str, message: str) -> dict[str, object]:
+    """The error envelope of the course's HTTP contract."""
+    return {"success": False, "error": {"code": code, "message": message}}

@@ -47,7 +47,7 @@ def _response(status: int, body: dict[str, object]) -> dict[str, object]:
 
 
 def _error(status: int, code: str, message: str) -> dict[str, object]:
-    return _response(status, {"success": False, "error": {"code": code, "message": message}})
+    return _response(status, pre.error_body(code, message))
 
 
 def _image_bytes(event: dict) -> tuple[bytes, dict]:
@@ -76,12 +76,12 @@ def lambda_handler(event: dict, context: object) -> dict[str, object]:
         top_k = int(options.get("top_k", query.get("top_k", 3)))
         if not 1 <= top_k <= len(pre.LABELS):
             return _error(400, "invalid_parameter", f"top_k must be an integer from 1 to {len(pre.LABELS)}")
-        x = pre.to_input(pre.decode(raw))[None]
+        x = pre.preprocess(pre.decode(raw))[None]
     except (binascii.Error, UnicodeEncodeError):
         return _error(400, "bad_encoding", "the body is not valid base64")
     except (TypeError, ValueError) as error:  # BadImage is a ValueError; int() too
         return _error(400, "bad_request", str(error))
     logits = SESSION.run(None, {INPUT_NAME: x})[0][0]
-    return _response(200, {"success": True, "predictions": pre.top_k(pre.softmax(logits), top_k),
+    return _response(200, {"success": True, "predictions": pre.encode(pre.softmax(logits), top_k),
                            "model_version": MODEL_VERSION,
                            "latency_ms": round((time.perf_counter() - started) * 1000, 3)})

@@ -40,17 +40,17 @@ class DigitsHandler(BaseHandler):
             try:
                 if isinstance(raw, str):
                     raw = raw.encode("latin-1")
-                inputs.append(pre.to_input(pre.decode(bytes(raw or b""))))
+                inputs.append(pre.preprocess(pre.decode(bytes(raw or b""))))
                 positions.append(index)
             except (pre.BadImage, TypeError) as error:
                 context.set_response_status(400, "Bad Request", idx=index)
-                answers[index] = {"success": False, "error": {"code": "bad_image", "message": str(error)}}
+                answers[index] = pre.error_body("bad_image", str(error))
         if inputs:
             with torch.inference_mode():
                 logits = self.program(torch.from_numpy(np.stack(inputs))).numpy()
             probabilities = pre.softmax(logits)
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
             for row, index in enumerate(positions):
-                answers[index] = {"success": True, "predictions": pre.top_k(probabilities[row], 3),
+                answers[index] = {"success": True, "predictions": pre.encode(probabilities[row], 3),
                                   "model_version": self.version, "latency_ms": latency_ms}
         return answers
