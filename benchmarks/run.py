@@ -5,7 +5,7 @@
 Builds each variant of lessons 01-04 (eager, TorchScript, AOTInductor, ONNX Runtime fp32, int8
 eager x86 / ORT QDQ / PT2E + torch.compile, pruned unstructured / structured) for the course CNN
 and for ResNet-18 at 224x224 (random weights: speed does not depend on them), measures latency
-(p50/p95), throughput and size at several batch sizes, accuracy where it means something (the
+(p50/p95; the variants timed in turn), throughput and size at several batch sizes, accuracy where it means something (the
 CNN), and writes reports/bench.json, reports/bench.md and reports/bench.png. Speed-ups are ratios
 to eager fp32 at the same batch size, measured in the same run, so they survive a noisy machine
 better than milliseconds do. Not part of `make test`: it takes several minutes.
@@ -80,31 +80,6 @@ class Case:
             return float((torch.as_tensor(fn(self.x_test)).argmax(1) == self.y_test).float().mean())
 
 
-def onnx_export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(model, (example,), path, dynamo=True, dynamic_shapes={"x": {0: batch}},
-                      input_names=["input"], output_names=["logits"], external_data=False, verbose=False)
-    return path
-
-
-def ort_qdq(fp32_path: Path, calibration: torch.Tensor, out: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": b.numpy()} for b in calibration.split(8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    pre = out.with_name(out.stem + "_pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
-
-
 def eager_static_int8(case: Case) -> nn.Module:
     if case.name == "cnn":
         model = torch.ao.quantization.fuse_modules(copy.deepcopy(case.model).eval(), case.model.fusion_groups())
@@ -176,10 +151,6 @@ def pruned_structured(case: Case) -> nn.Module:
     return model.eval()
 
 
-def save_size(model: nn.Module) -> int:
-    return bench.model_size_bytes(model)
-
-
 def build_variants(case: Case, skip_aoti: bool) -> dict[str, tuple[Callable, int | None, float]]:
     """name -> (callable, size in bytes or None, build seconds)."""
     work = case.work
@@ -195,7 +166,7 @@ def build_variants(case: Case, skip_aoti: bool) -> dict[str, tuple[Callable, int
         variants[name] = (fn, size, time.perf_counter() - start)
         log(f"{case.name}: built {name} in {variants[name][2]:.1f} s")
 
-    add("eager fp32", lambda: (case.model, save_size(case.model)))
+    add("eager fp32", lambda: (case.model, bench.model_size_bytes(case.model)))
 
     def torchscript():
         traced = torch.jit.trace(case.model, case.example)
@@ -215,17 +186,17 @@ def build_variants(case: Case, skip_aoti: bool) -> dict[str, tuple[Callable, int
     fp32_onnx = work / f"{case.name}.onnx"
 
     def ort_fp32():
-        onnx_export(case.model, case.example, fp32_onnx)
+        export.onnx_export(case.model, case.example, fp32_onnx)
         return export.OrtRunner(export.ort_session(fp32_onnx)), export.artifact_size_bytes(fp32_onnx)
     add("ORT fp32", ort_fp32)
 
     def int8_eager():
         model = eager_static_int8(case)
-        return model, save_size(model)
+        return model, bench.model_size_bytes(model)
     add("int8 eager x86", int8_eager)
 
     def int8_ort():
-        path = ort_qdq(fp32_onnx, case.calibration, work / f"{case.name}_int8.onnx")
+        path = export.quantize_onnx_static(fp32_onnx, work / f"{case.name}_int8.onnx", case.calibration, batch_size=8)
         return export.OrtRunner(export.ort_session(path)), export.artifact_size_bytes(path)
     add("int8 ORT QDQ", int8_ort)
 
@@ -233,29 +204,32 @@ def build_variants(case: Case, skip_aoti: bool) -> dict[str, tuple[Callable, int
 
     def unstructured():
         model = pruned_unstructured(case)
-        return model, save_size(model)
+        return model, bench.model_size_bytes(model)
     add("pruned unstructured 90%", unstructured)
 
     def structured():
         model = pruned_structured(case)
-        return model, save_size(model)
+        return model, bench.model_size_bytes(model)
     add("pruned structured 50%", structured)
     return variants
 
 
 def measure(case: Case, variants: dict, batches: tuple[int, ...]) -> list[dict]:
+    """Every variant at each batch size, timed **in turn** (bench.measure_interleaved), so that a
+    background load that comes and goes hits every variant alike and the speed-ups stay honest."""
+    accuracy = {name: case.accuracy(fn) for name, (fn, _, _) in variants.items()}
+    heavy = case.name == "resnet18"
     rows = []
-    for name, (fn, size, build_s) in variants.items():
-        accuracy = case.accuracy(fn)
-        for batch in batches:
-            heavy = case.name == "resnet18"
-            iters = {1: 30, 8: 10, 32: 5}[batch] if heavy else {1: 300, 32: 150}[batch]
-            stats = bench.measure_latency(fn, case.inputs(batch), warmup=2 if heavy else 20, iters=iters)
-            rows.append({"model": case.name, "variant": name, "batch": batch, "p50_ms": stats.p50_ms,
-                         "p95_ms": stats.p95_ms, "items_per_s": stats.throughput,
+    for batch in batches:
+        iters = {1: 30, 8: 10, 32: 5}[batch] if heavy else {1: 300, 32: 150}[batch]
+        stats = bench.measure_interleaved({name: fn for name, (fn, _, _) in variants.items()}, case.inputs(batch),
+                                          warmup=2 if heavy else 20, iters=iters)
+        for name, (_, size, build_s) in variants.items():
+            rows.append({"model": case.name, "variant": name, "batch": batch, "p50_ms": stats[name].p50_ms,
+                         "p95_ms": stats[name].p95_ms, "items_per_s": stats[name].throughput,
                          "size_MiB": None if size is None else size / 2**20,
-                         "accuracy": accuracy, "build_s": build_s})
-        log(f"{case.name}: measured {name}")
+                         "accuracy": accuracy[name], "build_s": build_s})
+        log(f"{case.name}: measured every variant at batch {batch}")
     return rows
 
 
@@ -283,16 +257,6 @@ def check_targets(table: pd.DataFrame) -> list[dict]:
     return results
 
 
-def markdown(frame: pd.DataFrame, index: bool = True) -> str:
-    """A GitHub-flavoured markdown table (no extra dependency)."""
-    frame = frame.reset_index() if index else frame
-    cells = [[("" if v is None or v != v else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row]
-             for row in frame.itertuples(index=False)]
-    header = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
-
-
 def write_reports(table: pd.DataFrame, targets: list[dict], out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "targets": targets,
@@ -305,8 +269,8 @@ def write_reports(table: pd.DataFrame, targets: list[dict], out: Path, meta: dic
         pivot = part.pivot_table(index="variant", columns="batch", values=["p50_ms", "speedup"], sort=False)
         pivot.columns = [f"{k} b{b}" for k, b in pivot.columns]
         extra = part.groupby("variant", sort=False)[["size_MiB", "accuracy"]].first()
-        lines += [f"## {model}", "", markdown(pivot.join(extra)), ""]
-    lines += ["## Targets (2-core CPU)", "", markdown(pd.DataFrame(targets), index=False), ""]
+        lines += [f"## {model}", "", bench.markdown_table(pivot.join(extra)), ""]
+    lines += ["## Targets (2-core CPU)", "", bench.markdown_table(pd.DataFrame(targets), index=False), ""]
     (out / "bench.md").write_text("\n".join(lines))
 
     import matplotlib

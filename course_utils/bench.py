@@ -234,3 +234,13 @@ def plot_comparison(table: pd.DataFrame, columns: Sequence[str] = ("p50_ms", "p9
         ax.set_title(title)
     ax.figure.tight_layout()
     return ax
+
+
+def markdown_table(frame: pd.DataFrame, index: bool = True, digits: int = 3) -> str:
+    """A GitHub-flavoured markdown table of ``frame`` (no extra dependency); floats to ``digits`` places."""
+    frame = frame.reset_index() if index else frame
+    cells = [[("" if v is None or v != v else f"{v:.{digits}f}" if isinstance(v, float) else str(v)) for v in row]
+             for row in frame.itertuples(index=False)]
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])

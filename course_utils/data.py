@@ -204,6 +204,17 @@ def sample_images(data_dir: str | Path = DATA_DIR) -> list[Path]:
     return [verify_file(n, data_dir) for n in names]
 
 
+def sample_payloads(data_dir: str | Path = DATA_DIR) -> list[tuple[bytes, str, int]]:
+    """The sample files as uploads for a load test: ``(bytes, content type, true label)`` each.
+
+    >>> raw, content_type, label = sample_payloads()[0]; content_type, label, raw[:4]
+    ('image/png', 0, b'\\x89PNG')
+    """
+    types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+    return [(path.read_bytes(), types.get(path.suffix.lower(), "application/octet-stream"), label_of_sample(path))
+            for path in sample_images(data_dir)]
+
+
 def label_of_sample(path: str | Path) -> int:
     """The true label encoded in a sample's file name (``digit_7.png`` -> 7)."""
     stem = Path(path).stem

@@ -61,7 +61,6 @@ class ProductionModel(Predictor):
         self.monitor = LatencyMonitor(window=1000, warmup=0)
         if warmup:
             self.warmup((1,) * warmup)
-        self.monitor = LatencyMonitor(window=1000, warmup=0)   # warm-up calls are not traffic
         LOG.info("model %s ready on %s (%s)", version, self.device, str(self.dtype).replace("torch.", ""))
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
@@ -72,6 +71,8 @@ class ProductionModel(Predictor):
             self.errors += 1
             LOG.warning("rejected a batch: invalid input")
             raise
+        if not self.ready:             # warm-up calls are not traffic: not timed, not logged
+            return super().predict(x)
         probabilities = self.monitor.run(super().predict, x)
         LOG.info("predicted a batch of %d in %.2f ms", len(x), self.monitor.samples[-1])
         return probabilities
@@ -130,6 +131,10 @@ class ModelRegistry:
         entry = {"version": version, "file": str(target.relative_to(self.root)), "sha256": data.sha256_file(target),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "staging",
                  "metadata": metadata or {}}
+        if ModelSpec.sidecar(source).is_file():   # the model's spec travels with it, hashed too
+            spec = ModelSpec.sidecar(target)
+            shutil.copy2(ModelSpec.sidecar(source), spec)
+            entry["spec_sha256"] = data.sha256_file(spec)
         state["versions"][version] = entry
         self._save(state)
         return entry
@@ -176,10 +181,14 @@ class ModelRegistry:
             raise RegistryError("no version is in production yet")
         path = self.root / entry["file"]
         if verify:
-            actual = data.sha256_file(path) if path.is_file() else "missing"
-            if actual != entry["sha256"]:
-                raise IntegrityError(f"{path.name} of {entry['version']} has sha256 {actual[:12]}..., registered "
-                                     f"{entry['sha256'][:12]}...: refusing to load a modified artifact")
+            checks = [(path, entry["sha256"])]
+            if "spec_sha256" in entry:
+                checks.append((ModelSpec.sidecar(path), entry["spec_sha256"]))
+            for file, registered in checks:
+                actual = data.sha256_file(file) if file.is_file() else "missing"
+                if actual != registered:
+                    raise IntegrityError(f"{file.name} of {entry['version']} has sha256 {actual[:12]}..., registered "
+                                         f"{registered[:12]}...: refusing to load a modified artifact")
         return path
 
     def table(self) -> pd.DataFrame:

@@ -82,6 +82,20 @@ def test_two_proportion_test():
         production.two_proportion_test(1, 0, 1, 1)
 
 
+def test_registry_keeps_the_model_spec_with_its_artifact(tmp_path):
+    from course_utils.serving.spec import ModelSpec
+
+    artifact = tmp_path / "cnn.pth"
+    artifact.write_bytes(models.checkpoint_path().read_bytes())
+    ModelSpec(name="digits-v9").save_next_to(artifact)
+    registry = production.ModelRegistry(tmp_path / "registry")
+    registry.register(artifact, "v1")
+    assert Predictor.load(registry.path("v1"), device="cpu").spec.name == "digits-v9"
+    ModelSpec.sidecar(registry.path("v1")).write_text(json.dumps({"name": "tampered"}))
+    with pytest.raises(production.IntegrityError, match="cnn.pth.spec.json of v1"):
+        registry.path("v1")
+
+
 def test_canary_routes_sticky_shares_and_shadows(cnn):
     stable = production.ProductionModel(cnn, device="cpu", version="stable")
     candidate = production.ProductionModel(models.load_trained_cnn(), device="cpu", version="candidate")

@@ -22,12 +22,12 @@ from course_utils.serving.contract import error_body, pick_upload
 
 
 class ClassifierAPI(ls.LitAPI):
-    def __init__(self, model: str | None = None, **kwargs: object) -> None:
+    def __init__(self, model: str | None = None, threads: int = 1, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.model = model
+        self.model, self.threads = model, threads
 
     def setup(self, device: str) -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(self.threads)
         self.predictor = Predictor.load(self.model, device="cpu")
         self.predictor.warmup()
 
@@ -58,10 +58,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--model", help="model file (default: the course's digits CNN); its .spec.json is read")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the inference worker")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-timeout", type=float, default=0.002, help="seconds")
     args = parser.parse_args()
-    api = ClassifierAPI(args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    api = ClassifierAPI(args.model, args.threads, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
 
