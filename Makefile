@@ -34,7 +34,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, cloud VMs) unless told it may.
 LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve resnet18 refresh data bench lock clean
+.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve resnet18 image image-check image-clean refresh data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
@@ -43,6 +43,8 @@ help:
 	@echo "make test-compat - the lax check on the oldest supported set (Python 3.12, torch $(COMPAT_TORCH)) in $(COMPAT_VENV)"
 	@echo "make serve    - start the inference service (FastAPI, trained CNN) on 127.0.0.1:8000  [SERVE_ARGS=...]"
 	@echo "make resnet18 - export the chapter's ResNet-18 (ONNX + ImageNet spec) to serve: SERVE_ARGS=\"--model artifacts/serve/resnet18.onnx\""
+	@echo "make image    - build the torch-free serving image with docker or podman (no network in the build) [IMAGE=...]"
+	@echo "make image-check - build, run and probe the image on 127.0.0.1 (ready, answers, uid, read-only, no torch, stop)"
 	@echo "make unit     - unit tests and doctests of course_utils only"
 	@echo "make notebooks- strict nbval over notebooks/ only"
 	@echo "make refresh  - re-execute every notebook in place (authors, before committing)"
@@ -101,6 +103,17 @@ serve: $(STAMP)
 	@echo ">> http://127.0.0.1:$(SERVE_PORT)  (docs: http://127.0.0.1:$(SERVE_PORT)/docs, stop: Ctrl-C)"
 	@echo ">> try:  curl -F file=@data/samples/digit_7.png http://127.0.0.1:$(SERVE_PORT)/predict"
 	$(BIN)/python -m course_utils.serving --port $(SERVE_PORT) $(SERVE_ARGS)
+
+# The torch-free serving image (deploy/docker/Dockerfile), built with docker or podman; offline build.
+IMAGE ?= course-service:cpu
+image: $(STAMP)
+	$(BIN)/python deploy/docker/image.py build --tag $(IMAGE)
+
+image-check: $(STAMP)
+	$(BIN)/python deploy/docker/image.py check --tag $(IMAGE)
+
+image-clean:
+	$(BIN)/python deploy/docker/image.py clean --tag $(IMAGE)
 
 # The chapter's model: torchvision ResNet-18 (random weights: nothing is downloaded) with its ImageNet spec.
 #   make resnet18 && make serve SERVE_ARGS="--model artifacts/serve/resnet18.onnx"

@@ -19,11 +19,14 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+
+if TYPE_CHECKING:  # torch is imported where it is used: the ONNX service path never loads it
+    import torch
+    from torch.utils.data import DataLoader
 
 #: The repository's ``data/`` folder (the package is installed in editable mode).
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -131,6 +134,8 @@ def normalize_ink(ink: torch.Tensor) -> torch.Tensor:
 
 def split_tensors(split: str, data_dir: str | Path = DATA_DIR) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(x, y)``: normalised ``float32 (N, 1, 8, 8)`` inputs and ``int64`` labels."""
+    import torch
+
     data = load_split(split, data_dir)
     ink = torch.from_numpy(data.images).float().div_(LEVELS).unsqueeze(1)
     return normalize_ink(ink), torch.from_numpy(data.labels)
@@ -142,6 +147,9 @@ def make_loader(split: str, batch_size: int = 64, shuffle: bool | None = None, s
     >>> x, y = next(iter(make_loader("test", batch_size=4))); tuple(x.shape)
     (4, 1, 8, 8)
     """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
     x, y = split_tensors(split)
     shuffle = (split == "train") if shuffle is None else shuffle
     generator = torch.Generator().manual_seed(seed)
@@ -157,6 +165,8 @@ class DigitsTransform:
     """
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        import torch
+
         grey = to_grey_on_white(image)
         small = grey.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
         ink = 1.0 - torch.from_numpy(np.asarray(small, dtype=np.float32)) / 255.0

@@ -14,12 +14,14 @@ import shlex
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .ort import check_providers, ort_providers, ort_session  # noqa: F401  (torch-free, used by the service)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -138,6 +140,7 @@ def onnx_export(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     (``external_data=False``), so copying the file copies the model.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     torch.onnx.export(model.eval(), (example,), path, dynamo=True, dynamic_shapes=({0: batch},),
                       input_names=[input_name], output_names=[output_name], external_data=False, verbose=False)
@@ -171,63 +174,6 @@ def quantize_onnx_static(fp32_path: str | Path, out_path: str | Path, calibratio
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     prepared.unlink()
     return out_path
-
-
-def ort_providers(device: torch.device | str | None = None) -> list[str]:
-    """Execution providers to request: CUDA first when the device is CUDA and ORT offers it, then CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    wanted = ["CPUExecutionProvider"]
-    if device is not None and torch.device(device).type == "cuda" and "CUDAExecutionProvider" in available:
-        wanted.insert(0, "CUDAExecutionProvider")
-    return wanted
-
-
-def ort_session(path: str | Path, providers: Sequence[str] | None = None, level: str = "all",
-                threads: int | None = None, optimized_path: str | Path | None = None,
-                spinning: bool = False) -> Any:
-    """An ``onnxruntime.InferenceSession`` with the options that matter, checked after creation.
-
-    ``level`` is one of ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` (graph optimisations);
-    ``threads`` sets intra-op threads (default: torch's current count); ``optimized_path`` saves the
-    optimised graph. ORT silently falls back to CPU when a requested GPU provider cannot start:
-    this function raises instead (see :func:`check_providers`).
-
-    ``spinning=False`` (the course default) stops ORT's idle threads from busy-waiting after each
-    run (``session.intra_op.allow_spinning``). Spinning wins a little latency on a machine that does
-    nothing else; next to other work (PyTorch timed in turn with ORT, a web server, a busy core) it
-    steals the CPU: eager ResNet-18 timed right after ORT runs was 2.7x slower with it on.
-    """
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if level not in levels:
-        raise ValueError(f"unknown optimisation level {level!r}: use one of {list(levels)}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[level]
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    providers = list(providers or ["CPUExecutionProvider"])
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    check_providers(session, providers)
-    return session
-
-
-def check_providers(session: Any, requested: Sequence[str]) -> list[str]:
-    """Fail unless every requested execution provider is actually in use by ``session``."""
-    in_use = list(session.get_providers())
-    missing = [p for p in requested if p not in in_use]
-    if missing:
-        raise RuntimeError(f"ONNX Runtime fell back: requested {list(requested)}, in use {in_use}. "
-                           "Check the onnxruntime-gpu install and its CUDA/cuDNN versions.")
-    return in_use
 
 
 class OrtRunner:

@@ -63,17 +63,20 @@ class ProductionModel(Predictor):
             self.warmup((1,) * warmup)
         LOG.info("model %s ready on %s (%s)", version, self.device, str(self.dtype).replace("torch.", ""))
 
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities, timed; a bad batch is counted, logged and refused with a ``ValueError``."""
+    def predict_array(self, batch: Any) -> np.ndarray:
+        """Class probabilities, timed; a bad batch is counted, logged and refused with a ``ValueError``.
+
+        (``predict``, ``classify`` and the service all come through here.)
+        """
         try:
-            x = self.check_batch(batch).to(device=self.device, dtype=self.dtype)   # cast the inputs too
+            x = self.check_batch(batch)
         except ValueError:
             self.errors += 1
             LOG.warning("rejected a batch: invalid input")
             raise
         if not self.ready:             # warm-up calls are not traffic: not timed, not logged
-            return super().predict(x)
-        probabilities = self.monitor.run(super().predict, x)
+            return super().predict_array(x)
+        probabilities = self.monitor.run(super().predict_array, x)
         LOG.info("predicted a batch of %d in %.2f ms", len(x), self.monitor.samples[-1])
         return probabilities
 

@@ -26,7 +26,9 @@ from course_utils.serving import free_port, wait_until_ready
 from course_utils.serving.__main__ import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILES = [ROOT / "deploy" / "docker" / "Dockerfile", ROOT / "deploy" / "docker" / "Dockerfile.gpu"]
+DOCKERFILES = [ROOT / "deploy" / "docker" / name for name in ("Dockerfile", "Dockerfile.torch", "Dockerfile.gpu")]
+#: What `deploy/docker/image.py` prepares on the host for the torch-free image's build context.
+PREPARED = ("artifacts/image/wheels", "artifacts/image/model")
 SEVEN = data.DATA_DIR / "samples" / "digit_7.png"
 PINS = {line.split("==")[0].lower(): line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")}
@@ -46,25 +48,47 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- Dockerfiles, statically
 
+def _ignored(source: str) -> bool:
+    """Whether .dockerignore keeps ``source`` out of the build context (last matching rule wins)."""
+    verdict = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated, pattern = line.startswith("!"), line.lstrip("!")
+        if source == pattern or source.startswith(pattern + "/"):
+            verdict = not negated
+    return verdict
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_copy_source_exists_and_is_not_ignored(dockerfile):
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
-    copies = [args.split() for keyword, args in instructions(dockerfile) if keyword == "COPY"]
+    copies = [args.split() for keyword, args in instructions(dockerfile)
+              if keyword == "COPY" and not args.startswith("--from")]
     assert copies
     for parts in copies:
         for source in [p for p in parts[:-1] if not p.startswith("--")]:
-            assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
-            assert not any(source == pattern or source.startswith(pattern + "/") for pattern in ignored), \
-                f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
+            assert source in PREPARED or (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
+            assert not _ignored(source), f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
     sources = {p for parts in copies for p in parts[:-1]}
-    assert {"course_utils", "data/checkpoints", "data/MANIFEST.sha256"} <= sources, "every artifact the model needs"
+    needed = {"course_utils", *PREPARED} if dockerfile.name == "Dockerfile" else \
+        {"course_utils", "data/checkpoints", "data/MANIFEST.sha256"}
+    assert needed <= sources, "every artifact the model needs"
+    assert _ignored("artifacts/other") and _ignored("notebooks"), "the rest of the tree stays out of the context"
+
+
+def _cmd(dockerfile: Path, model_dir: Path) -> list[str]:
+    """The CMD, with the image's /app/model mapped to ``model_dir`` on this machine."""
+    cmd = json.loads(next(args for keyword, args in instructions(dockerfile) if keyword == "CMD"))
+    return [part.replace("/app/model", str(model_dir)) for part in cmd]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_cmd_runs_our_cli_with_flags_it_accepts(dockerfile):
-    cmd = json.loads(next(args for keyword, args in instructions(dockerfile) if keyword == "CMD"))
+def test_cmd_runs_our_cli_with_flags_it_accepts(dockerfile, tmp_path):
+    cmd = _cmd(dockerfile, tmp_path)
     assert cmd[:3] == ["python", "-m", "course_utils.serving"], "the same module as `make serve`"
+    if "--model" in cmd:
+        Path(cmd[cmd.index("--model") + 1]).write_bytes(b"")   # parse_args checks that the file exists
     importlib.import_module("course_utils.serving.__main__")
     args = parse_args(cmd[3:])
     exposed = [args_ for keyword, args_ in instructions(dockerfile) if keyword == "EXPOSE"]
@@ -76,15 +100,22 @@ def test_cmd_runs_our_cli_with_flags_it_accepts(dockerfile):
 def test_image_is_pinned_non_root_and_health_checked(dockerfile):
     steps = instructions(dockerfile)
     base = next(args for keyword, args in steps if keyword == "FROM")
+    if base.startswith("${BASE_IMAGE}"):
+        base = next(args for keyword, args in steps if keyword == "ARG" and args.startswith("BASE_IMAGE=")).split("=")[1]
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), f"pin the base image exactly, got {base}"
     assert base.split(":")[1].startswith("3.11"), "the Python the pins were resolved for"
     user = [args for keyword, args in steps if keyword == "USER"]
     assert user and user[-1] not in ("root", "0"), "the service must not run as root"
     assert any(keyword == "HEALTHCHECK" and "/ready" in args for keyword, args in steps)
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")
-    assert "--constraint /app/constraints.txt" in runs, "dependency versions come from constraints.txt"
+    assert re.search(r"--constraint /(app|wheels)/constraints.txt", runs), "dependency versions come from constraints.txt"
     for version in re.findall(r"torch==([\w.+]+)", runs):
         assert version.split("+")[0] == PINS["torch"], f"torch {version} in the image vs {PINS['torch']} in constraints"
+    if dockerfile.name == "Dockerfile":
+        assert "--no-index" in runs, "the default image installs from the wheelhouse only: no network in the build"
+        assert ("STOPSIGNAL", "SIGTERM") in steps, "docker stop's signal is the one uvicorn drains on"
+        serve = (ROOT / "deploy" / "docker" / "requirements-serve.txt").read_text()
+        assert not re.search(r"^(torch|pandas|matplotlib)", serve, flags=re.M), "the default image is torch-free"
 
 
 def test_hadolint_finds_no_problems():
@@ -95,11 +126,17 @@ def test_hadolint_finds_no_problems():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_containers_exact_start_command_serves_outside_docker():
-    """Run the CMD of the CPU Dockerfile as the container would (WORKDIR=/app=repo, PYTHONPATH=/app),
-    changing only where it listens (loopback, a free port), then call /ready and /predict."""
+def test_the_containers_exact_start_command_serves_outside_docker(tmp_path):
+    """Run the CMD of the default Dockerfile as the container would (WORKDIR=/app=repo, PYTHONPATH=/app,
+    the ONNX model as image.py prepares it), changing only where it listens (loopback, a free port)."""
+    from course_utils import export, models
+    from course_utils.serving.spec import ModelSpec
+
     steps = instructions(DOCKERFILES[0])
-    cmd = json.loads(next(args for keyword, args in steps if keyword == "CMD"))
+    cmd = _cmd(DOCKERFILES[0], tmp_path)
+    model = Path(cmd[cmd.index("--model") + 1])
+    export.onnx_export(models.load_trained_cnn(), data.split_tensors("test")[0][:2], model)
+    ModelSpec().save_next_to(model)
     port = free_port()
     cmd = [sys.executable if part == "python" else part for part in cmd]
     cmd[cmd.index("--host") + 1] = "127.0.0.1"
@@ -115,6 +152,7 @@ def test_the_containers_exact_start_command_serves_outside_docker():
         assert subprocess.run(probe, timeout=30).returncode == 0, "the HEALTHCHECK command reports healthy"
         answer = requests.post(url + "/predict", files={"file": ("d.png", SEVEN.read_bytes(), "image/png")}, timeout=30)
         assert answer.status_code == 200 and answer.json()["predictions"][0]["class"] == 7
+        assert requests.get(url + "/ready", timeout=5).json()["model_kind"] == "onnx"
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -256,3 +294,38 @@ def test_deploy_readme_commands_exist():
     text = (ROOT / "deploy" / "README.md").read_text()
     for command in re.findall(r"^\s*(python [\w/.]+\.py)", text, flags=re.M):
         assert (ROOT / shlex.split(command)[1]).is_file(), command
+
+
+# ----------------------------------------------------------------------------- the image, built and run (make image-check)
+
+def _image_module():
+    sys.path.insert(0, str(ROOT / "deploy" / "docker"))
+    try:
+        return importlib.import_module("image")
+    finally:
+        sys.path.remove(str(ROOT / "deploy" / "docker"))
+
+
+def test_image_check_without_an_engine_skips_on_a_laptop_and_fails_in_ci(monkeypatch, capsys):
+    image = _image_module()
+    monkeypatch.setattr(image, "engine", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    assert image.main(["check"]) == 0 and "skipped: no container engine" in capsys.readouterr().err
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(SystemExit, match="no container engine on a CI machine"):
+        image.main(["check"])
+
+
+def test_podman_settings_and_base_image_script_are_sane():
+    conf = (ROOT / "deploy" / "docker" / "containers.conf").read_text()
+    for setting in ('runtime = "runc"', 'cgroup_manager = "cgroupfs"', '"nofile=4096:4096"'):
+        assert setting in conf
+    script = ROOT / "deploy" / "docker" / "base-image.sh"
+    assert os.access(script, os.X_OK) and subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    assert "--include=python3,python3-venv" in script.read_text()
+
+
+def test_the_wheelhouse_pins_come_from_constraints():
+    pins = _image_module()._pins(["numpy", "onnxruntime", "python-multipart"])
+    assert pins == [f"numpy=={PINS['numpy']}", f"onnxruntime=={PINS['onnxruntime']}",
+                    f"python-multipart=={PINS['python-multipart']}"]

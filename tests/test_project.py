@@ -182,3 +182,12 @@ def test_the_exercise_grader_rejects_a_check_that_cannot_fail(tmp_path, check, v
                             timeout=120)
     assert verdict in result.stdout, result.stdout[-3000:]
     assert (result.returncode == 0) == (verdict == "4 passed"), result.stdout[-3000:]
+
+
+def test_ci_builds_and_runs_the_image_before_the_tests():
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert "make image-check" in commands and "make test" in commands
+    assert commands.index("make image-check") < commands.index("make test"), "lesson 07 reuses the built layers"
+    plan = subprocess.run(["make", "-n", "image-check"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "deploy/docker/image.py check" in plan

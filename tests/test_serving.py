@@ -563,3 +563,61 @@ def test_v2_bad_requests_get_a_4xx_in_the_protocols_shape(server, name):
     assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
     assert isinstance(answer.json()["error"], str) and answer.json()["error"]
     assert requests.get(server.url + "/v2/health/ready", timeout=5).json() == {"ready": True}
+
+
+# ----------------------------------------------------------------------------- the ONNX path needs no torch
+
+TORCH_FREE = """
+import sys
+from fastapi.testclient import TestClient
+from course_utils.serving.service import ServiceConfig
+from course_utils.serving import {module} as front
+config = ServiceConfig(model_path={model!r}, max_batch_size=4)
+raw = open({sample!r}, "rb").read()
+body = {{"inputs": [{{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}}]}}
+if {module!r} == "fastapi_app":
+    with TestClient(front.create_app(config)) as client:
+        answer = client.post("/predict", files={{"file": ("d.png", raw, "image/png")}}).json()
+        infer = client.post("/v2/models/digits/infer", json=body).status_code
+else:
+    client = front.create_app(config).test_client()
+    answer = client.post("/predict", data={{"file": (__import__("io").BytesIO(raw), "d.png", "image/png")}}).json
+    infer = client.post("/v2/models/digits/infer", json=body).status_code
+print(answer["predictions"][0]["class"], infer, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("module", ["fastapi_app", "flask_app"])
+def test_serving_an_onnx_model_never_imports_torch(exported_models, module):
+    import subprocess
+    import sys
+
+    code = TORCH_FREE.format(module=module, model=str(exported_models["onnx"]), sample=str(SEVEN))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["7", "200", "False"], "serving ONNX must not import torch"
+
+
+def test_the_cli_service_process_never_maps_libtorch_for_onnx(exported_models):
+    from pathlib import Path
+
+    with serve_in_background("fastapi", args=["--model", str(exported_models["onnx"])]) as server:
+        answer = requests.post(server.url + "/predict", files={"file": ("d.png", SEVEN.read_bytes(), "image/png")},
+                               timeout=10)
+        maps = Path(f"/proc/{server.process.pid}/maps")
+        mapped = maps.read_text() if maps.exists() else None
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["class"] == 7
+    if mapped is None:
+        pytest.skip("no /proc on this system: the in-process test above covers it")
+    assert "libtorch" not in mapped and "onnxruntime" in mapped
+
+
+def test_array_and_tensor_faces_agree():
+    predictor = Predictor.load(device="cpu")
+    x = data.split_tensors("test")[0][:16]
+    probabilities = predictor.predict_array(x.numpy())
+    assert isinstance(probabilities, np.ndarray) and probabilities.dtype == np.float32
+    torch.testing.assert_close(predictor.predict(x), torch.from_numpy(probabilities))
+    image = Image.open(SEVEN)
+    assert np.array_equal(predictor.preprocess_array(image), predictor.preprocess(image).numpy())
+    assert predictor.classify(SEVEN.read_bytes())[0].index == 7 == predictor.classify(image)[0].index

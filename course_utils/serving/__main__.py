@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes (fastapi) or waitress threads (flask, default 8)")
     parser.add_argument("--threads", type=int, default=defaults.threads or None,
-                        help="torch threads per worker (default: cores / workers, at least 1)")
+                        help="intra-op threads per worker, torch or ONNX Runtime (default: cores / workers, at least 1)")
     parser.add_argument("--device", default=defaults.device, help="cuda, mps or cpu (default: best available)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.workers < 1:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_request_logging()          # one JSON line per /predict request, on stderr
     print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'}"
           f"{', spec: ' + config.spec_path if config.spec_path else ''},"
-          f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, workers: {args.workers}, torch threads: {threads},"
+          f" batching: {config.max_batch_size} x {config.max_wait_ms} ms, workers: {args.workers}, threads: {threads},"
           f" auth: {'on' if config.api_key else 'off'})",
           file=sys.stderr, flush=True)
     if args.framework == "fastapi":

@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
-import torch
+import numpy as np
 
 _STOP = object()
 
@@ -24,13 +25,15 @@ _STOP = object()
 class DynamicBatcher:
     """Run ``predict(batch) -> rows`` on batches gathered from concurrent :meth:`submit` calls.
 
+    Inputs are numpy arrays (the service's) or torch tensors; a batch is stacked the same way.
+
     >>> b = DynamicBatcher(lambda x: x * 2, max_batch_size=4, max_wait_ms=1)
-    >>> b.submit(torch.ones(3)).result(timeout=5).tolist()
+    >>> b.submit(np.ones(3)).result(timeout=5).tolist()
     [2.0, 2.0, 2.0]
     >>> b.close()
     """
 
-    def __init__(self, predict: Callable[[torch.Tensor], torch.Tensor], max_batch_size: int = 32,
+    def __init__(self, predict: Callable[[Any], Any], max_batch_size: int = 32,
                  max_wait_ms: float = 2.0, on_batch: Callable[[int], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -45,7 +48,7 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._run, name="dynamic-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, item: torch.Tensor) -> Future:
+    def submit(self, item: Any) -> Future:
         """Queue one input (no batch dimension); the future resolves to its output row."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
@@ -84,7 +87,7 @@ class DynamicBatcher:
             live = [(x, f) for x, f in items if f.set_running_or_notify_cancel()]
             if live:
                 try:
-                    outputs = self.predict(torch.stack([x for x, _ in live]))
+                    outputs = self.predict(_stack([x for x, _ in live]))
                     for (_, future), row in zip(live, outputs, strict=True):
                         future.set_result(row)
                 except Exception as error:  # the model failed: every caller in the batch hears why
@@ -94,3 +97,11 @@ class DynamicBatcher:
                     self.on_batch(len(live))
             if stop:
                 return
+
+
+def _stack(items: list[Any]) -> Any:
+    if isinstance(items[0], np.ndarray):
+        return np.stack(items)
+    import torch
+
+    return torch.stack(items)

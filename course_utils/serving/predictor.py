@@ -2,7 +2,8 @@
 
 ``Predictor.load(path)`` recognises the file:
 
-* ``.onnx`` - ONNX Runtime (CUDA provider first on a GPU, checked);
+* ``.onnx`` - ONNX Runtime (CUDA provider first on a GPU, checked), **without importing torch**:
+  numpy in, numpy out, so a container that serves ONNX needs no torch wheel;
 * ``.pt2`` - a ``torch.export`` program, or an AOTInductor package;
 * ``.pt`` / ``.pth`` - a TorchScript archive, or a ``state_dict`` of the course's DigitsCNN
   (loaded with ``weights_only=True``; never a pickled module).
@@ -12,25 +13,36 @@ the file; without one, the model is the course's digits CNN.
 
 Whatever the format, a request goes through the same four stages, named as the field names them
 (TorchServe, KServe, LitServe): **decode** (bytes -> image), **preprocess** (image -> tensor),
-**predict** (batch -> class probabilities, under ``torch.inference_mode``) and **encode**
-(probabilities -> top-k answer). :meth:`Predictor.classify` runs all four; a server that batches
-requests calls them one by one, with its batcher between preprocess and predict.
+**predict** (batch -> class probabilities) and **encode** (probabilities -> top-k answer).
+:meth:`Predictor.classify` runs all four; a server that batches requests calls them one by one,
+with its batcher between preprocess and predict.
+
+Two faces of the same stages: ``preprocess_array`` / ``predict_array`` work on numpy arrays (what
+the service uses, torch-free for ONNX); ``preprocess`` / ``predict`` take and give torch tensors
+(what lessons and torch code use). Both run the same code underneath.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from PIL import Image
 
-from .. import data, env, export, models
+from .. import data
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+ArrayFn = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -65,34 +77,41 @@ def _is_aoti_package(path: Path) -> bool:
 class Predictor:
     """A loaded, warmed-up model plus its preprocessing and labels (its :class:`~.spec.ModelSpec`).
 
+    ``fn`` is the model: a torch callable (tensor in, logits out) or, with ``takes_arrays=True``,
+    a numpy one (an ONNX Runtime session's run).
+
     >>> p = Predictor.load()          # the committed checkpoint
     >>> p.kind, len(p.labels), p.spec.input_shape
     ('eager', 10, (1, 8, 8))
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], kind: str, version: str,
-                 device: torch.device, spec: ModelSpec | None = None, dtype: torch.dtype = torch.float32) -> None:
-        self._fn = fn
+    def __init__(self, fn: Callable[[Any], Any], kind: str, version: str, device: Any = "cpu",
+                 spec: ModelSpec | None = None, dtype: Any = None, takes_arrays: bool = False) -> None:
         self.kind = kind
         self.version = version
         self.device = device
         self.dtype = dtype
         self.spec = spec or ModelSpec()
         self.ready = False
+        self._probabilities: ArrayFn = _numpy_softmax(fn) if takes_arrays else _torch_softmax(fn, device, dtype)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-             version: str | None = None, spec: ModelSpec | None = None) -> Predictor:
+    def load(cls, path: str | Path | None = None, device: Any = None, version: str | None = None,
+             spec: ModelSpec | None = None, threads: int | None = None) -> Predictor:
         """Load a model file (default: the course's trained checkpoint) and return a predictor.
 
         ``spec`` defaults to the sidecar next to the file (``<file>.spec.json``), else the digits spec.
+        ``threads``: ONNX Runtime's intra-op threads (torch models use torch's setting).
         """
-        device = torch.device(device) if device is not None else env.pick_device()
-        path = models.checkpoint_path() if path is None else Path(path)
+        if path is None:
+            from .. import models
+
+            path = models.checkpoint_path()
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
         spec = spec or ModelSpec.for_model(path)
@@ -100,23 +119,29 @@ class Predictor:
         version = version or f"{path.stem}-{digest}"
         suffix = path.suffix.lower()
         if suffix == ".onnx":
-            session = export.ort_session(path, providers=export.ort_providers(device))
-            runner = export.OrtRunner(session)
-            return cls(runner, "onnx", version, torch.device("cpu"), spec)
+            session = _onnx_session(path, device, threads)
+            input_name = session.get_inputs()[0].name
+            return cls(lambda x: session.run(None, {input_name: x})[0], "onnx", version, "cpu", spec,
+                       takes_arrays=True)
+        if suffix not in (".pt2", ".pt", ".pth"):
+            raise ValueError(f"unknown model format {suffix!r}: use .pt/.pth (state_dict or TorchScript), "
+                             ".pt2 (torch.export or AOTInductor) or .onnx")
+        import torch
+
+        from .. import env, models
+
+        device = torch.device(device) if device is not None else env.pick_device()
         if suffix == ".pt2":
             if _is_aoti_package(path):
                 compiled = torch._inductor.aoti_load_package(str(path))
                 return cls(compiled, "aotinductor", version, torch.device("cpu"), spec)
             program = torch.export.load(str(path))
             return cls(program.module().to(device), "exported", version, device, spec)
-        if suffix in (".pt", ".pth"):
-            if _is_torchscript(path):
-                scripted = torch.jit.load(str(path), map_location=device).eval()
-                return cls(scripted, "torchscript", version, device, spec)
-            model = models.load_trained_cnn(device=device, path=path)
-            return cls(model, "eager", version, device, spec)
-        raise ValueError(f"unknown model format {suffix!r}: use .pt/.pth (state_dict or TorchScript), "
-                         ".pt2 (torch.export or AOTInductor) or .onnx")
+        if _is_torchscript(path):
+            scripted = torch.jit.load(str(path), map_location=device).eval()
+            return cls(scripted, "torchscript", version, device, spec)
+        model = models.load_trained_cnn(device=device, path=path)
+        return cls(model, "eager", version, device, spec)
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> float:
         """Run a few dummy batches (first calls pay for lazy initialisation); return seconds taken.
@@ -124,9 +149,9 @@ class Predictor:
         Also checks that the model has one output per label of its spec.
         """
         start = time.perf_counter()
-        one = self.preprocess(self.spec.blank_image())
+        one = self.preprocess_array(self.spec.blank_image())
         for size in batch_sizes:
-            probabilities = self.predict(one.unsqueeze(0).expand(size, *one.shape).contiguous())
+            probabilities = self.predict_array(np.repeat(one[None], size, axis=0))
         self.spec.check_outputs(probabilities.shape[1], f"model {self.version}")
         self.ready = True
         return time.perf_counter() - start
@@ -136,48 +161,96 @@ class Predictor:
         """Upload bytes -> image, or a :class:`~.contract.ServingError` (400/413/415) saying why."""
         return decode_image(raw, max_pixels)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def preprocess_array(self, image: Image.Image) -> np.ndarray:
         """One decoded image -> one model input (no batch dimension), as the spec says."""
-        return self.spec.preprocess(image)
+        return self.spec.preprocess_array(image)
 
-    def check_batch(self, batch: object) -> torch.Tensor:
-        """A float tensor ``(N, *spec.input_shape)`` (one input may omit N) with finite values, or a ValueError."""
-        x = torch.as_tensor(batch)
+    def check_batch(self, batch: Any) -> np.ndarray:
+        """A float32 array ``(N, *spec.input_shape)`` (one input may omit N) with finite values, or a ValueError."""
+        x = np.asarray(batch.detach().cpu() if hasattr(batch, "detach") else batch)
         shape = self.spec.input_shape
-        if x.dim() == len(shape):
-            x = x.unsqueeze(0)  # one input -> a batch of one
+        if x.ndim == len(shape):
+            x = x[None]  # one input -> a batch of one
         if tuple(x.shape[1:]) != shape or x.shape[0] < 1:
             wanted = ", ".join(map(str, shape))
             raise ValueError(f"expected a batch (N, {wanted}) or one ({wanted}) input, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"expected floating-point inputs, got {x.dtype}")
-        if not torch.isfinite(x).all():
+        if x.dtype.kind != "f":
+            raise ValueError(f"expected floating-point inputs, got {_dtype_name(batch, x)}")
+        if not np.isfinite(x).all():
             raise ValueError("inputs contain NaN or infinity")
-        return x
+        return np.ascontiguousarray(x, dtype=np.float32)
 
-    @torch.inference_mode()
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(N, classes)``, float32 on the CPU, for a batch of preprocessed inputs."""
-        x = self.check_batch(batch).to(device=self.device, dtype=self.dtype)   # cast the inputs too
-        logits = self._fn(x)
-        return torch.softmax(torch.as_tensor(logits).float(), dim=1).cpu()
+    def predict_array(self, batch: Any) -> np.ndarray:
+        """Class probabilities ``(N, classes)``, float32, for a batch of preprocessed inputs."""
+        return self._probabilities(self.check_batch(batch))
 
-    def encode(self, probabilities: torch.Tensor, top_k: int | None = None) -> list[Prediction]:
+    def encode(self, probabilities: Any, top_k: int | None = None) -> list[Prediction]:
         """The ``top_k`` (default: the spec's) most probable classes of one row of probabilities."""
         k = self.spec.top_k if top_k is None else top_k
         if not 1 <= k <= len(self.labels):
             raise ValueError(f"top_k must be in 1..{len(self.labels)}, got {k}")
-        values, indices = probabilities.topk(min(k, probabilities.numel()))
-        return [Prediction(int(i), self.labels[int(i)], float(v)) for v, i in zip(values, indices, strict=True)]
+        row = np.asarray(probabilities.detach().cpu() if hasattr(probabilities, "detach") else probabilities)
+        order = np.argsort(-row, kind="stable")[:k]
+        return [Prediction(int(i), self.labels[int(i)], float(row[i])) for i in order]
+
+    # ------------------------------------------------------------------ the torch face
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One decoded image -> one model input as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.preprocess_array(image))
+
+    def predict(self, batch: Any) -> torch.Tensor:
+        """Class probabilities ``(N, classes)`` as a float32 CPU tensor."""
+        import torch
+
+        return torch.from_numpy(self.predict_array(batch))
 
     # ------------------------------------------------------------------ all four at once
-    def classify(self, item: bytes | Image.Image | torch.Tensor, top_k: int | None = None) -> list[Prediction]:
-        """Upload bytes, a PIL image or one preprocessed input -> its top-k classes."""
+    def classify(self, item: bytes | Image.Image | Any, top_k: int | None = None) -> list[Prediction]:
+        """Upload bytes, a PIL image or one preprocessed input (array or tensor) -> its top-k classes."""
         if isinstance(item, bytes | bytearray):
             item = self.decode(bytes(item))
-        x = self.preprocess(item) if isinstance(item, Image.Image) else item
-        return self.encode(self.predict(x)[0], top_k)
+        x = self.preprocess_array(item) if isinstance(item, Image.Image) else item
+        return self.encode(self.predict_array(x)[0], top_k)
 
-    def classify_batch(self, batch: torch.Tensor, top_k: int | None = None) -> list[list[Prediction]]:
+    def classify_batch(self, batch: Any, top_k: int | None = None) -> list[list[Prediction]]:
         """A batch of preprocessed inputs -> the top-k classes of each."""
-        return [self.encode(row, top_k) for row in self.predict(batch)]
+        return [self.encode(row, top_k) for row in self.predict_array(batch)]
+
+
+def _dtype_name(original: Any, array: np.ndarray) -> str:
+    return str(getattr(original, "dtype", array.dtype))
+
+
+def _numpy_softmax(fn: ArrayFn) -> ArrayFn:
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        logits = np.asarray(fn(x), dtype=np.float32)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+    return probabilities
+
+
+def _torch_softmax(fn: Callable[[Any], Any], device: Any, dtype: Any) -> ArrayFn:
+    import torch
+
+    dtype = dtype or torch.float32
+
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = fn(torch.from_numpy(x).to(device=device, dtype=dtype))   # cast the inputs too
+            return torch.softmax(torch.as_tensor(logits).float(), dim=1).cpu().numpy()
+    return probabilities
+
+
+def _onnx_session(path: Path, device: Any, threads: int | None) -> Any:
+    """An ORT session: CUDA if asked for (strictly), or offered and working when no device is named."""
+    from ..ort import ort_providers, ort_session
+
+    wanted = device if device is not None else os.environ.get("COURSE_DEVICE") or None
+    if wanted is not None:
+        return ort_session(path, providers=ort_providers(wanted), threads=threads)
+    try:
+        return ort_session(path, providers=ort_providers("cuda"), threads=threads)
+    except RuntimeError:   # onnxruntime-gpu installed but no usable GPU: CPU it is
+        return ort_session(path, providers=["CPUExecutionProvider"], threads=threads)

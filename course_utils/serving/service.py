@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from . import v2
 from .batching import DynamicBatcher
@@ -82,7 +82,7 @@ class ServiceConfig:
     default_top_k: int = 0                 # COURSE_SERVE_DEFAULT_TOP_K (0 = the model spec's: digits 3, ImageNet 5)
     request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
     model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
-    threads: int = 0                       # COURSE_SERVE_THREADS: torch intra-op threads (0 = torch's default)
+    threads: int = 0                       # COURSE_SERVE_THREADS: intra-op threads, torch or ORT (0 = default)
     framework: str = field(default="fastapi", repr=False)
 
     @classmethod
@@ -116,19 +116,23 @@ class InferenceService:
         if config.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.config = config
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)   # per worker process: workers x threads <= cores
+        threads = config.threads if config.threads > 0 else None
         if predictor is None:
             from .spec import ModelSpec
 
             spec = ModelSpec.load(config.spec_path) if config.spec_path else None
-            predictor = Predictor.load(config.model_path, device=config.device, version=config.model_version, spec=spec)
+            predictor = Predictor.load(config.model_path, device=config.device, version=config.model_version, spec=spec,
+                                       threads=threads)
+        if threads and predictor.kind != "onnx":    # per worker process: workers x threads <= cores
+            import torch
+
+            torch.set_num_threads(threads)
         self.predictor = predictor
         self.metrics = ServiceMetrics(self.predictor.version, config.framework)
         self.predictor.warmup()
         self.batcher: DynamicBatcher | None = None
         if config.max_batch_size > 1:
-            self.batcher = DynamicBatcher(self.predictor.predict, config.max_batch_size, config.max_wait_ms,
+            self.batcher = DynamicBatcher(self.predictor.predict_array, config.max_batch_size, config.max_wait_ms,
                                           on_batch=self.metrics.batch_size.observe)
 
     # ------------------------------------------------------------------ checks
@@ -159,18 +163,18 @@ class InferenceService:
         return k
 
     # ------------------------------------------------------------------ inference
-    def prepare(self, raw: bytes, content_type: str | None) -> torch.Tensor:
+    def prepare(self, raw: bytes, content_type: str | None) -> np.ndarray:
         """Bytes -> model input, or a ServingError (CPU work: run it off the event loop)."""
         if len(raw) > self.config.max_upload_bytes:
             raise payload_too_large(self.config.max_upload_bytes, len(raw))
         check_content_type(content_type)
         image = self.predictor.decode(raw, self.config.max_pixels)
         try:
-            return self.predictor.preprocess(image)
+            return self.predictor.preprocess_array(image)
         except Exception as error:
             raise ServingError(400, "unprocessable_image", f"the image could not be preprocessed: {error}") from None
 
-    def _answer(self, probabilities: torch.Tensor, top_k: int, started: float,
+    def _answer(self, probabilities: np.ndarray, top_k: int, started: float,
                 record: RequestRecord | None) -> dict[str, Any]:
         predictions = self.predictor.encode(probabilities, top_k)
         if record is not None:
@@ -182,33 +186,33 @@ class InferenceService:
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for a batch, blocking, through the batcher when there is one."""
         if self.batcher is None:
-            return self.predictor.predict(x)
+            return self.predictor.predict_array(x)
         futures = [self.batcher.submit(row) for row in x]
-        return torch.stack([future.result(timeout=self.config.request_timeout_s) for future in futures])
+        return np.stack([future.result(timeout=self.config.request_timeout_s) for future in futures])
 
-    async def _run_async(self, x: torch.Tensor) -> torch.Tensor:
+    async def _run_async(self, x: np.ndarray) -> np.ndarray:
         """The same without blocking the event loop."""
         if self.batcher is None:
-            return await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict, x)
+            return await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict_array, x)
         futures = [asyncio.wrap_future(self.batcher.submit(row)) for row in x]
-        return torch.stack(await asyncio.wait_for(asyncio.gather(*futures), self.config.request_timeout_s))
+        return np.stack(await asyncio.wait_for(asyncio.gather(*futures), self.config.request_timeout_s))
 
     def predict(self, raw: bytes, content_type: str | None, top_k: int,
                 record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole request, blocking: for threaded servers (Flask under waitress)."""
         started = time.perf_counter()
         x = self.prepare(raw, content_type)
-        return self._answer(self._run(x.unsqueeze(0))[0], top_k, started, record)
+        return self._answer(self._run(x[None])[0], top_k, started, record)
 
     async def predict_async(self, raw: bytes, content_type: str | None, top_k: int,
                             record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole request without blocking the event loop: for FastAPI."""
         started = time.perf_counter()
         x = await asyncio.get_running_loop().run_in_executor(None, self.prepare, raw, content_type)  # decode in a thread
-        return self._answer((await self._run_async(x.unsqueeze(0)))[0], top_k, started, record)
+        return self._answer((await self._run_async(x[None]))[0], top_k, started, record)
 
     # ------------------------------------------------------------------ the Open Inference Protocol
     def infer_v2(self, name: str, body: bytes, header_length: str | None) -> v2.InferAnswer:

@@ -19,13 +19,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .. import data
+
+if TYPE_CHECKING:
+    import torch
 
 SIDECAR_SUFFIX = ".spec.json"
 INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
@@ -165,8 +167,8 @@ class ModelSpec:
         height, width = self.input_size
         return Image.new("L" if self.channels == 1 else "RGB", (width, height), "white")
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One decoded image -> ``float32 (channels, height, width)``, normalised."""
+    def preprocess_array(self, image: Image.Image) -> np.ndarray:
+        """One decoded image -> ``float32 (channels, height, width)``, normalised (numpy: no torch needed)."""
         image = data.to_grey_on_white(image) if self.channels == 1 else _to_rgb(image)
         height, width = self.input_size
         method = INTERPOLATIONS[self.interpolation]
@@ -175,13 +177,19 @@ class ModelSpec:
         else:
             image = _resize_shorter_side(image, self.resize, method)
             image = _center_crop(image, height, width)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-        x = pixels.reshape(height, width, self.channels).permute(2, 0, 1).to(torch.float32).div(255.0)
+        pixels = np.asarray(image, dtype=np.uint8).reshape(height, width, self.channels)
+        x = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
         if self.invert:
-            x = 1.0 - x
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return x.sub_(mean).div_(std).contiguous()
+            x = np.float32(1.0) - x
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return np.ascontiguousarray((x - mean) / std)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The same as a torch tensor (what lessons and torch models use)."""
+        import torch
+
+        return torch.from_numpy(self.preprocess_array(image))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)
@@ -220,6 +228,7 @@ def export_resnet18(path: str | Path, weights: str | Path | None = None, int8: b
     random weights (nothing is downloaded: the answers are then meaningless, the pipeline is real).
     ``int8``: also quantize (static QDQ), calibrated on the course's sample images.
     """
+    import torch
     import torchvision
 
     from .. import export

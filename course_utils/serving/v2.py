@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from .contract import ServingError
 from .predictor import Predictor
@@ -39,7 +38,7 @@ _DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
 @dataclass
 class InferRequest:
     id: str | None
-    inputs: torch.Tensor
+    inputs: np.ndarray
     binary_output: bool
 
 
@@ -113,8 +112,8 @@ def parse_infer_request(predictor: Predictor, body: bytes, header_length: str | 
             raise _bad("\"data\" must be a list of numbers") from None
         if array.size != count:
             raise _bad(f"\"data\" has {array.size:,} values; shape {shape} needs {count:,}")
-    x = torch.from_numpy(array.astype(np.float32).reshape(shape))
-    if not torch.isfinite(x).all():
+    x = np.ascontiguousarray(array.astype(np.float32).reshape(shape))
+    if not np.isfinite(x).all():
         raise _bad("the input contains NaN or infinity")
     request_parameters = request.get("parameters") or {}
     binary_output = bool(request_parameters.get("binary_data_output", False))
@@ -127,9 +126,9 @@ def parse_infer_request(predictor: Predictor, body: bytes, header_length: str | 
 
 
 def encode_infer_response(predictor: Predictor, name: str, request: InferRequest,
-                          probabilities: torch.Tensor) -> InferAnswer:
+                          probabilities: np.ndarray) -> InferAnswer:
     """Class probabilities -> the protocol's answer, binary if the client asked for it."""
-    array = probabilities.numpy().astype(np.float32)
+    array = np.asarray(probabilities, dtype=np.float32)
     output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(array.shape)}
     answer: dict[str, Any] = {"model_name": name, "model_version": predictor.version, "outputs": [output]}
     if request.id is not None:
