@@ -42,10 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="uvicorn worker processes (fastapi) or waitress threads (flask, default 8)")
     parser.add_argument("--threads", type=int, default=defaults.threads or None,
                         help="intra-op threads per worker, torch or ONNX Runtime (default: cores / workers, at least 1)")
+    parser.add_argument("--drain-seconds", type=float, default=defaults.drain_s,
+                        help="on SIGTERM, keep serving (with /ready 503) this long before closing (default 0)")
+    parser.add_argument("--grace-seconds", type=float, default=defaults.grace_s,
+                        help="then finish the accepted requests within this many seconds (default 20)")
     parser.add_argument("--device", default=defaults.device, help="cuda, mps or cpu (default: best available)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.workers < 1:
         parser.error("--max-batch-size and --workers must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
+    if args.drain_seconds < 0 or args.grace_seconds <= 0:
+        parser.error("--drain-seconds must be >= 0 and --grace-seconds > 0")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not 0 < args.port < 65536:
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServiceConfig.from_env(threads=threads, model_path=args.model, spec_path=args.spec, api_key=args.api_key,
                                     device=args.device,
                                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                                    max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework)
+                                    max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework,
+                                    drain_s=args.drain_seconds, grace_s=args.grace_seconds)
     os.environ.update(config.to_env())  # worker processes rebuild the config from the environment
     configure_request_logging()          # one JSON line per /predict request, on stderr
     print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'}"
@@ -83,14 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         uvicorn.run("course_utils.serving.fastapi_app:create_app_from_env", factory=True, host=args.host,
-                    port=args.port, workers=args.workers, log_level="warning", timeout_graceful_shutdown=5)
+                    port=args.port, workers=args.workers, log_level="warning",
+                    timeout_graceful_shutdown=max(1, round(args.grace_seconds)))
     else:
-        from waitress import serve
-
         from .flask_app import create_app
+        from .lifecycle import serve_waitress
 
-        serve(create_app(config), host=args.host, port=args.port, threads=max(args.workers, 8) if args.workers == 1
-              else args.workers, channel_timeout=30, ident="digits-service")
+        app = create_app(config)
+        serve_waitress(app, app.extensions["inference_service"], args.host, args.port,
+                       threads=max(args.workers, 8) if args.workers == 1 else args.workers,
+                       drain_s=args.drain_seconds, grace_s=args.grace_seconds, ident="course-service")
     return 0
 
 

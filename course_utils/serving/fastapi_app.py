@@ -167,7 +167,10 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from .lifecycle import install_drain
+
         app.state.service = InferenceService(config, predictor)
+        install_drain(app.state.service, config.drain_s)   # SIGTERM: not ready at once, then uvicorn's shutdown
         yield
         app.state.service.close()
 
@@ -258,7 +261,7 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
 
     @app.get("/v2/health/ready", summary="Open Inference Protocol: readiness", tags=["v2"])
     async def v2_ready(request: Request) -> JSONResponse:
-        ready = request.app.state.service.predictor.ready
+        ready = request.app.state.service.ready
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
 
     @app.get("/v2/models/{model_name}", summary="Open Inference Protocol: model metadata", tags=["v2"])

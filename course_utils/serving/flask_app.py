@@ -117,7 +117,7 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
 
     @app.get("/v2/health/ready")
     def v2_ready():
-        return jsonify({"ready": service.predictor.ready}), 200 if service.predictor.ready else 503
+        return jsonify({"ready": service.ready}), 200 if service.ready else 503
 
     @app.get("/v2/models/<model_name>")
     def v2_model(model_name: str):

@@ -83,6 +83,8 @@ class ServiceConfig:
     request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
     model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
     threads: int = 0                       # COURSE_SERVE_THREADS: intra-op threads, torch or ORT (0 = default)
+    drain_s: float = 0.0                   # COURSE_SERVE_DRAIN_S: on SIGTERM, serve (not ready) this long first
+    grace_s: float = 20.0                  # COURSE_SERVE_GRACE_S: then finish accepted requests within this
     framework: str = field(default="fastapi", repr=False)
 
     @classmethod
@@ -128,6 +130,7 @@ class InferenceService:
 
             torch.set_num_threads(threads)
         self.predictor = predictor
+        self.draining = False   # set on SIGTERM (lifecycle.install_drain): /ready answers 503 from then on
         self.metrics = ServiceMetrics(self.predictor.version, config.framework)
         self.predictor.warmup()
         self.batcher: DynamicBatcher | None = None
@@ -259,9 +262,14 @@ class InferenceService:
     def health(self) -> dict[str, object]:
         return {"status": "healthy"}
 
+    @property
+    def ready(self) -> bool:
+        return self.predictor.ready and not self.draining
+
     def readiness(self) -> tuple[int, dict[str, object]]:
-        ready = self.predictor.ready
-        body: dict[str, object] = {"status": "ready" if ready else "loading", "model_version": self.predictor.version,
+        ready = self.ready
+        status = "draining" if self.draining else "ready" if ready else "loading"
+        body: dict[str, object] = {"status": status, "model_version": self.predictor.version,
                 "model_kind": self.predictor.kind, "device": str(self.predictor.device),
                 "model_spec": self.predictor.spec.name, "classes": len(self.predictor.labels),
                 "batching": {"max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms},

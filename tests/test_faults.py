@@ -1,0 +1,74 @@
+"""Faults a production service meets: slow clients and a rolling restart's SIGTERM, on both front ends.
+
+Real servers on loopback (``python -m course_utils.serving``), bounded in time.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from course_utils import data
+from course_utils.serving import serve_in_background
+
+FRAMEWORKS = ["fastapi", "flask"]
+PAYLOADS = data.sample_payloads()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_300_slow_clients_do_not_take_the_service_offline(framework):
+    with serve_in_background(framework) as server:
+        slow = []
+        try:
+            for _ in range(300):      # each sends half a request line and then nothing
+                connection = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+                slow.append(connection)
+            time.sleep(0.5)
+            raw, content_type, label = PAYLOADS[3]
+            started = time.perf_counter()
+            answer = requests.post(server.url + "/predict", files={"file": ("d", raw, content_type)}, timeout=10)
+            seconds = time.perf_counter() - started
+        finally:
+            for connection in slow:
+                connection.close()
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["class"] == label
+    assert seconds < 1.0, f"a normal client waited {seconds:.2f} s behind 300 slow ones"
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_sigterm_finishes_every_accepted_request_and_exits_in_bounded_time(framework):
+    # a 300 ms batch window: at SIGTERM the requests sit in the dynamic batcher, accepted, unanswered
+    args = ["--max-batch-size", "32", "--max-wait-ms", "300", "--drain-seconds", "1", "--grace-seconds", "10"]
+    with serve_in_background(framework, args=args) as server:
+        results: list[tuple[int, int, int]] = []
+        lock = threading.Lock()
+
+        def client(index: int) -> None:
+            raw, content_type, label = PAYLOADS[index % len(PAYLOADS)]
+            answer = requests.post(server.url + "/predict", files={"file": ("d", raw, content_type)}, timeout=20)
+            with lock:
+                results.append((answer.status_code, answer.json()["predictions"][0]["class"], label))
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for thread in clients:
+            thread.start()
+        time.sleep(0.1)                                  # accepted, waiting in the batcher
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        draining = requests.get(server.url + "/ready", timeout=5)          # still serving, but not ready
+        late = requests.post(server.url + "/predict", files={"file": ("d", *PAYLOADS[7][:2])}, timeout=10)
+        for thread in clients:
+            thread.join(20)
+        code = server.process.wait(timeout=15)
+        seconds = time.monotonic() - started
+    assert (draining.status_code, draining.json()["status"]) == (503, "draining")
+    assert late.status_code == 200, "during the drain the service still answers"
+    assert len(results) == 12 and all(status == 200 and top == label for status, top, label in results), results
+    assert code in (0, -signal.SIGTERM) and seconds < 1 + 10, f"exit code {code} after {seconds:.1f} s"
