@@ -72,3 +72,60 @@ def test_sigterm_finishes_every_accepted_request_and_exits_in_bounded_time(frame
     assert late.status_code == 200, "during the drain the service still answers"
     assert len(results) == 12 and all(status == 200 and top == label for status, top, label in results), results
     assert code in (0, -signal.SIGTERM) and seconds < 1 + 10, f"exit code {code} after {seconds:.1f} s"
+
+
+def test_a_killed_worker_costs_nothing_to_a_client_that_retries():
+    import os
+
+    import psutil
+
+    from course_utils.serving.client import post_image
+
+    with serve_in_background("fastapi", args=["--workers", "2"]) as server:
+        parent = psutil.Process(server.process.pid)
+        deadline = time.monotonic() + 30
+        while len([c for c in parent.children() if c.name().startswith("python")]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [c for c in parent.children() if c.name().startswith("python")]
+        assert len(workers) >= 2, parent.children()
+        outcomes: list[tuple[bool, int]] = []
+        lock = threading.Lock()
+        stop = time.monotonic() + 4.0
+
+        def client(index: int) -> None:
+            session = requests.Session()
+            i = index
+            while time.monotonic() < stop:
+                raw, content_type, label = PAYLOADS[i % len(PAYLOADS)]
+                i += 1
+                answer, retried = post_image(server.url + "/predict", raw, content_type, retries=4, session=session)
+                with lock:
+                    outcomes.append((answer.status_code == 200 and answer.json()["predictions"][0]["class"] == label,
+                                     retried))
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in clients:
+            thread.start()
+        time.sleep(1.5)
+        os.kill(workers[0].pid, signal.SIGKILL)          # a worker dies under load
+        for thread in clients:
+            thread.join(30)
+        time.sleep(1.0)
+        alive = [c for c in parent.children() if c.name().startswith("python") and c.is_running()]
+    assert outcomes and all(ok for ok, _ in outcomes), f"{sum(not ok for ok, _ in outcomes)} of {len(outcomes)} failed"
+    assert len(alive) >= 2, "uvicorn restarts the dead worker"
+
+
+def test_the_retrying_client_never_retries_a_client_error_and_gives_up_on_a_dead_server():
+    from course_utils.serving import free_port
+    from course_utils.serving.client import post_image
+
+    with serve_in_background("fastapi", args=["--api-key", "k"]) as server:
+        answer, retried = post_image(server.url + "/predict", b"not an image", api_key="k")
+        assert (answer.status_code, retried) == (400, 0)
+        answer, retried = post_image(server.url + "/predict", PAYLOADS[7][0], api_key="wrong")
+        assert (answer.status_code, retried) == (401, 0)
+    started = time.perf_counter()
+    with pytest.raises(requests.ConnectionError):
+        post_image(f"http://127.0.0.1:{free_port()}/predict", b"x", retries=2, backoff_s=0.05)
+    assert time.perf_counter() - started < 2, "backoff is bounded"

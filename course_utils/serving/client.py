@@ -1,0 +1,49 @@
+"""A client for the course's service that survives what servers do: retries with backoff, one request id.
+
+A worker that dies (OOM-killed, a crash, a rolling restart) drops the connections it held; the
+client sees a reset or a 502/503 from a proxy. ``/predict`` is idempotent - the same image gives
+the same answer - so the right client answer is to retry, with exponential backoff and jitter so
+that a crowd of clients does not hammer the survivors in lockstep, and with the **same**
+``X-Request-ID`` on every attempt, so the request log shows a retried request as one id twice.
+Never retry what is not idempotent (a payment, a write) without an idempotency key.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from typing import Any
+
+import requests
+
+from .contract import API_KEY_HEADER, REQUEST_ID_HEADER
+
+#: Statuses worth retrying: the server (or a proxy in front of it) was not there to answer.
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def post_image(url: str, raw: bytes, content_type: str = "image/png", *, retries: int = 3, backoff_s: float = 0.1,
+               timeout: float = 10.0, api_key: str | None = None, params: dict[str, Any] | None = None,
+               session: requests.Session | None = None) -> tuple[requests.Response, int]:
+    """POST ``raw`` to ``url`` (``.../predict``); returns (the last response, the number of retries).
+
+    Connection errors and 502/503/504 are retried up to ``retries`` times, after
+    ``backoff_s * 2**attempt`` seconds (+ up to 50% jitter); 4xx answers are never retried.
+    The last connection error is raised if every attempt failed.
+    """
+    headers = {REQUEST_ID_HEADER: uuid.uuid4().hex}
+    if api_key:
+        headers[API_KEY_HEADER] = api_key
+    http = session or requests
+    for attempt in range(retries + 1):
+        try:
+            response = http.post(url, files={"file": ("upload", raw, content_type)}, headers=headers,
+                                 params=params, timeout=timeout)
+            if response.status_code not in RETRY_STATUSES or attempt == retries:
+                return response, attempt
+        except requests.ConnectionError:
+            if attempt == retries:
+                raise
+        time.sleep(backoff_s * 2**attempt * (1 + random.random() / 2))
+    raise AssertionError("unreachable")
