@@ -546,6 +546,12 @@ V2_BAD = {
                          b'"parameters": {"binary_data_size": 256}}]}' + b"\0" * 10, {"header": True}, 400,
                          "invalid_tensor"),
     "header length lies": (b"{}", {"length": "999"}, 400, "bad_request"),
+    "parameters not an object": (b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", '
+                                 b'"parameters": 5, "data": []}]}', {}, 400, "bad_request"),
+    "request parameters a list": (('{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0'
+                                   + ", 0" * 63 + ']}], "parameters": [1]}').encode(), {}, 400, "bad_request"),
+    "outputs not a list": (('{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0'
+                            + ", 0" * 63 + ']}], "outputs": 3}').encode(), {}, 400, "bad_request"),
     "unknown output": (('{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0'
                         + ", 0" * 63 + ']}], "outputs": [{"name": "logits"}]}').encode(), {}, 400, "unknown_output"),
 }

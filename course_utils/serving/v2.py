@@ -71,6 +71,14 @@ def _bad(message: str, code: str = "invalid_tensor", status: int = 400) -> Servi
     return ServingError(status, code, message)
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{what} must be a JSON object, got {type(value).__name__}", "bad_request")
+    return value
+
+
 def parse_infer_request(predictor: Predictor, body: bytes, header_length: str | None) -> InferRequest:
     """The request body (JSON, or JSON + binary tensors) -> a checked float32 batch, or a 4xx."""
     binary = b""
@@ -98,7 +106,7 @@ def parse_infer_request(predictor: Predictor, body: bytes, header_length: str | 
         raise _bad(f"shape must be [N, {', '.join(map(str, wanted))}] with N from 1 to {MAX_INPUTS}, got {shape!r}")
     count = math.prod(shape)
     dtype = _DTYPES[datatype]
-    parameters = tensor.get("parameters") or {}
+    parameters = _object(tensor.get("parameters"), "the input's \"parameters\"")
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if size != count * np.dtype(dtype).itemsize or size != len(binary):
@@ -115,12 +123,16 @@ def parse_infer_request(predictor: Predictor, body: bytes, header_length: str | 
     x = np.ascontiguousarray(array.astype(np.float32).reshape(shape))
     if not np.isfinite(x).all():
         raise _bad("the input contains NaN or infinity")
-    request_parameters = request.get("parameters") or {}
+    request_parameters = _object(request.get("parameters"), "the request's \"parameters\"")
     binary_output = bool(request_parameters.get("binary_data_output", False))
-    for output in request.get("outputs") or []:
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise _bad("\"outputs\" must be a list", "bad_request")
+    for output in outputs:
         if not isinstance(output, dict) or output.get("name") != OUTPUT_NAME:
             raise _bad(f"the only output is {OUTPUT_NAME!r}, asked for {output!r:.80}", "unknown_output")
-        binary_output = bool((output.get("parameters") or {}).get("binary_data", binary_output))
+        binary_output = bool(_object(output.get("parameters"), "an output's \"parameters\"").get("binary_data",
+                                                                                              binary_output))
     rid = request.get("id")
     return InferRequest(str(rid) if rid is not None else None, x, binary_output)
 
