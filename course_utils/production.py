@@ -2,8 +2,9 @@
 
 * :class:`ProductionModel` - the chapter's wrapper done right: device choice, warm-up, fp16 on CUDA
   **with input casting**, input validation, top-k, batches, latency metrics, logging that emits.
-* :class:`ModelRegistry` - a small file-based registry: versions with metadata and sha256,
-  promote, roll back, and a hash check before anything is loaded.
+* :class:`ModelRegistry` (from :mod:`course_utils.registry`) - a small file-based registry that
+  several processes can share: versions with metadata and sha256, promote, roll back, and a hash
+  check before anything is loaded.
 * :class:`CanaryRouter` - sticky traffic splitting between a stable and a candidate model, and a
   shadow mode; :func:`two_proportion_test` to decide honestly.
 * :func:`run_checklist` - inspect a model artifact and a running service, item by item.
@@ -15,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from torch import nn
 
 from . import data, env
 from .monitoring import LatencyMonitor
+from .registry import CorruptRegistryError, IntegrityError, ModelRegistry, RegistryBusyError, RegistryError  # noqa: F401 - re-exported: lessons and old code import them from here
 from .serving.contract import API_KEY_HEADER
 from .serving.metrics import REQUESTS_METRIC
 from .serving.predictor import Predictor
@@ -85,118 +86,6 @@ class ProductionModel(Predictor):
         if not self.monitor.samples:
             return {"count": 0, "errors": self.errors}
         return {**self.monitor.report(), "errors": self.errors}
-
-
-# ----------------------------------------------------------------------------- registry
-
-class RegistryError(RuntimeError):
-    """A registry operation that cannot be done (unknown version, nothing to roll back to, ...)."""
-
-
-class IntegrityError(RuntimeError):
-    """An artifact's bytes do not match the sha256 recorded when it was registered."""
-
-
-class ModelRegistry:
-    """Versions of a model in a folder: ``registry.json`` plus one subfolder per version.
-
-    Stages: ``staging`` when registered, ``production`` when promoted (one at a time), ``archived``
-    when replaced. Every promotion is recorded, so a rollback returns to the previous production
-    version. Artifacts are copied in and verified against their sha256 before every load.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.index = self.root / "registry.json"
-        if not self.index.exists():
-            self._save({"versions": {}, "history": []})
-
-    def _load(self) -> dict[str, Any]:
-        return json.loads(self.index.read_text())
-
-    def _save(self, state: dict[str, Any]) -> None:
-        temporary = self.index.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state, indent=2, sort_keys=True))
-        temporary.replace(self.index)  # atomic on POSIX: a crash never leaves half a file
-
-    def register(self, artifact: str | Path, version: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        state = self._load()
-        if version in state["versions"]:
-            raise RegistryError(f"version {version!r} is already registered; versions are immutable")
-        source = Path(artifact)
-        if not source.is_file():
-            raise FileNotFoundError(f"artifact {source} does not exist")
-        folder = self.root / version
-        folder.mkdir(parents=True)
-        target = folder / source.name
-        shutil.copy2(source, target)
-        entry = {"version": version, "file": str(target.relative_to(self.root)), "sha256": data.sha256_file(target),
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "staging",
-                 "metadata": metadata or {}}
-        if ModelSpec.sidecar(source).is_file():   # the model's spec travels with it, hashed too
-            spec = ModelSpec.sidecar(target)
-            shutil.copy2(ModelSpec.sidecar(source), spec)
-            entry["spec_sha256"] = data.sha256_file(spec)
-        state["versions"][version] = entry
-        self._save(state)
-        return entry
-
-    def get(self, version: str) -> dict[str, Any]:
-        versions = self._load()["versions"]
-        if version not in versions:
-            raise RegistryError(f"unknown version {version!r}; registered: {sorted(versions)}")
-        return versions[version]
-
-    def production(self) -> dict[str, Any] | None:
-        history = self._load()["history"]
-        return self.get(history[-1]) if history else None
-
-    def promote(self, version: str) -> dict[str, Any]:
-        state = self._load()
-        if version not in state["versions"]:
-            raise RegistryError(f"unknown version {version!r}; registered: {sorted(state['versions'])}")
-        for entry in state["versions"].values():
-            if entry["stage"] == "production":
-                entry["stage"] = "archived"
-        state["versions"][version]["stage"] = "production"
-        state["history"].append(version)
-        self._save(state)
-        return state["versions"][version]
-
-    def rollback(self) -> dict[str, Any]:
-        """Return production to the version promoted before the current one."""
-        state = self._load()
-        if len(state["history"]) < 2:
-            raise RegistryError("no previous version to roll back to: promote at least two versions first")
-        current = state["history"].pop()
-        previous = state["history"][-1]
-        state["versions"][current]["stage"] = "archived"
-        state["versions"][previous]["stage"] = "production"
-        self._save(state)
-        LOG.warning("rolled back from %s to %s", current, previous)
-        return state["versions"][previous]
-
-    def path(self, version: str | None = None, verify: bool = True) -> Path:
-        """The artifact's path (default: production), after checking its sha256."""
-        entry = self.get(version) if version else self.production()
-        if entry is None:
-            raise RegistryError("no version is in production yet")
-        path = self.root / entry["file"]
-        if verify:
-            checks = [(path, entry["sha256"])]
-            if "spec_sha256" in entry:
-                checks.append((ModelSpec.sidecar(path), entry["spec_sha256"]))
-            for file, registered in checks:
-                actual = data.sha256_file(file) if file.is_file() else "missing"
-                if actual != registered:
-                    raise IntegrityError(f"{file.name} of {entry['version']} has sha256 {actual[:12]}..., registered "
-                                         f"{registered[:12]}...: refusing to load a modified artifact")
-        return path
-
-    def table(self) -> pd.DataFrame:
-        rows = [{k: v for k, v in e.items() if k != "metadata"} | e["metadata"] for e in self._load()["versions"].values()]
-        return pd.DataFrame(rows).set_index("version") if rows else pd.DataFrame()
 
 
 # ----------------------------------------------------------------------------- canary and A/B

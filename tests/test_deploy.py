@@ -187,35 +187,127 @@ def test_lambda_answers_every_event_shape(handler, event_file):
     assert answer["success"] and answer["predictions"][0]["class"] == 7 and len(answer["predictions"]) == 3
 
 
+PNG64 = base64.b64encode(SEVEN.read_bytes()).decode()
+
+
 def _event(raw_body, base64_encoded, content_type="image/png", query=None):
     return {"httpMethod": "POST", "path": "/predict", "headers": {"Content-Type": content_type},
             "queryStringParameters": query, "body": raw_body, "isBase64Encoded": base64_encoded}
 
 
-BAD_EVENTS = {
-    "no body": _event(None, False),
-    "not base64": _event("%%%not-base64%%%", True),
-    "text body": _event("hello", False, "text/plain"),
-    "json without image": _event(json.dumps({"picture": "x"}), False, "application/json"),
-    "json with bad base64": _event(json.dumps({"image": "%%%"}), False, "application/json"),
-    "truncated png": _event(base64.b64encode(SEVEN.read_bytes()[:100]).decode(), True),
-    "empty image": _event("", True),
-    "top_k=0": _event(base64.b64encode(SEVEN.read_bytes()).decode(), True, query={"top_k": "0"}),
-    "top_k=abc": _event(base64.b64encode(SEVEN.read_bytes()).decode(), True, query={"top_k": "abc"}),
+def _http_api(**fields):
+    return {"version": "2.0", "routeKey": "POST /predict", "requestContext": {"http": {"method": "POST"}},
+            "headers": {"content-type": "image/png"}, "body": PNG64, "isBase64Encoded": True, **fields}
+
+
+#: Odd events a function meets (a direct `aws lambda invoke`, the console's test events, other
+#: triggers wired by mistake, hostile clients): (event, expected status, expected code).
+ODD_EVENTS = {
+    "no body": (_event(None, False), 422, "missing_file"),
+    "empty body": (_event("", True), 422, "missing_file"),
+    "empty event": ({}, 400, "bad_event"),
+    "not an object": ("not an event", 400, "bad_event"),
+    "a list": ([1, 2], 400, "bad_event"),
+    "null": (None, 400, "bad_event"),
+    "S3 notification": ({"Records": [{"eventSource": "aws:s3", "s3": {"object": {"key": "a.png"}}}]}, 400, "bad_event"),
+    "SQS message": ({"Records": [{"eventSource": "aws:sqs", "body": PNG64}]}, 400, "bad_event"),
+    "EventBridge schedule": ({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}, 400, "bad_event"),
+    "GET request": (_http_api(requestContext={"http": {"method": "GET"}}), 405, "method_not_allowed"),
+    "body is a JSON list": ({"body": [1, 2, 3]}, 400, "bad_request"),
+    "body is a number": ({"body": 42}, 400, "bad_request"),
+    "body is true": ({"body": True}, 400, "bad_request"),
+    "body object without image": ({"body": {"picture": PNG64}}, 422, "missing_file"),
+    "body object, image a number": ({"body": {"image": 7}}, 400, "bad_encoding"),
+    "not base64": (_event("%%%not-base64%%%", True), 400, "bad_encoding"),
+    "binary body, flag missing": (_event(PNG64, False), 400, "not_an_image"),
+    "text body": (_event("hello", False, "text/plain"), 400, "not_an_image"),
+    "JSON text, not an object": (_event(json.dumps([PNG64]), False, "application/json"), 400, "bad_request"),
+    "JSON that does not parse": (_event('{"image": ', False, "application/json"), 400, "bad_json"),
+    "JSON without image": (_event(json.dumps({"picture": "x"}), False, "application/json"), 422, "missing_file"),
+    "JSON with bad base64": (_event(json.dumps({"image": "%%%"}), False, "application/json"), 400, "bad_encoding"),
+    "JSON with top_k a string": (_event(json.dumps({"image": PNG64, "top_k": "many"}), False, "application/json"),
+                                 422, "invalid_parameter"),
+    "JSON with top_k true": (_event(json.dumps({"image": PNG64, "top_k": True}), False, "application/json"),
+                             422, "invalid_parameter"),
+    "JSON with top_k 2.5": (_event(json.dumps({"image": PNG64, "top_k": 2.5}), False, "application/json"),
+                            422, "invalid_parameter"),
+    "truncated png": (_event(base64.b64encode(SEVEN.read_bytes()[:100]).decode(), True), 400, "corrupt_image"),
+    "top_k=0": (_event(PNG64, True, query={"top_k": "0"}), 422, "invalid_parameter"),
+    "top_k=abc": (_event(PNG64, True, query={"top_k": "abc"}), 422, "invalid_parameter"),
+    "top_k=11": (_event(PNG64, True, query={"top_k": "11"}), 422, "invalid_parameter"),
+    "11 MB of junk": (_event(base64.b64encode(b"\0" * (11 * 2**20)).decode(), True), 413, "payload_too_large"),
+}
+
+#: Odd events that are still requests the handler can answer: (event, number of predictions).
+ODD_BUT_FINE = {
+    "headers null, query null": (_http_api(headers=None, queryStringParameters=None), 3),
+    "headers a list, query a string": (_http_api(headers=["x"], queryStringParameters="top_k=2"), 3),
+    "no headers, no query, no method": ({"body": PNG64, "isBase64Encoded": True}, 3),
+    "isBase64Encoded as the string 'true'": ({"body": PNG64, "isBase64Encoded": "true"}, 3),
+    "upper-case Content-Type, JSON body": (_event(json.dumps({"image": PNG64, "top_k": 1}), False, "APPLICATION/JSON"), 1),
+    "body is the JSON object itself": ({"body": {"image": PNG64, "top_k": 2}}, 2),
+    "JSON top_k overrides the query's": (_event(json.dumps({"image": PNG64, "top_k": 4}), False, "application/json",
+                                                query={"top_k": "2"}), 4),
+    "query top_k=1 on HTTP API v2": (_http_api(queryStringParameters={"top_k": "1"}), 1),
 }
 
 
-@pytest.mark.parametrize("name", list(BAD_EVENTS))
-def test_lambda_bad_bodies_are_400_json(handler, name):
-    response = handler.lambda_handler(BAD_EVENTS[name], None)
-    assert response["statusCode"] == 400, (name, response)
+@pytest.mark.parametrize("name", list(ODD_EVENTS))
+def test_lambda_answers_odd_events_with_the_contract(handler, name, caplog):
+    event, status, code = ODD_EVENTS[name]
+    response = handler.lambda_handler(event, None)
     answer = body(response)
-    assert answer["success"] is False and answer["error"]["code"] and answer["error"]["message"]
+    assert (response["statusCode"], answer["error"]["code"]) == (status, code), (name, answer)
+    assert answer["success"] is False and answer["error"]["message"]
+    assert "invalid literal" not in answer["error"]["message"], "the contract's words, not Python's"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a client's mistake is not a server error"
 
 
-def test_lambda_refuses_non_events_and_ignores_the_working_directory(handler, tmp_path, monkeypatch):
-    assert handler.lambda_handler("not an event", None)["statusCode"] == 400
-    assert handler.lambda_handler([1, 2], None)["statusCode"] == 400
+@pytest.mark.parametrize("name", list(ODD_BUT_FINE))
+def test_lambda_answers_odd_but_valid_requests(handler, name):
+    event, count = ODD_BUT_FINE[name]
+    response = handler.lambda_handler(event, None)
+    answer = body(response)
+    assert response["statusCode"] == 200, (name, answer)
+    assert answer["predictions"][0]["class"] == 7 and len(answer["predictions"]) == count
+
+
+def test_lambda_messages_are_the_services(handler):
+    """top_k and image errors carry the HTTP service's status, code and message word for word."""
+    from test_serving import bad_images
+
+    from course_utils.serving import InferenceService, ServiceConfig, ServingError, decode_image
+
+    service = InferenceService(ServiceConfig())
+    for raw in ["0", "abc", "11", "-1", "2.5"]:
+        with pytest.raises(ServingError) as expected:
+            service.parse_top_k(raw)
+        answer = handler.lambda_handler(_event(PNG64, True, query={"top_k": raw}), None)
+        assert (answer["statusCode"], body(answer)["error"]) == (expected.value.status, {
+            "code": expected.value.code, "message": expected.value.message})
+    for name, (raw, _, status, code) in bad_images().items():
+        if "content type" in name or name == "empty":
+            continue   # a Lambda body has no part with a type of its own; an empty body is "no image" (422)
+        with pytest.raises(ServingError) as expected:
+            decode_image(raw)
+        answer = handler.lambda_handler(_event(base64.b64encode(raw).decode(), True), None)
+        assert (answer["statusCode"], body(answer)["error"]) == (status, {
+            "code": code, "message": expected.value.message}), name
+
+
+def test_lambda_failure_of_the_model_is_a_logged_500_in_the_envelope(handler, monkeypatch, caplog):
+    class Broken:
+        def run(self, *args):
+            raise RuntimeError("the session broke")
+
+    monkeypatch.setattr(handler, "SESSION", Broken())
+    response = handler.lambda_handler(_http_api(), None)
+    assert response["statusCode"] == 500 and body(response)["error"]["code"] == "internal_error"
+    assert "the session broke" not in response["body"], "internals are logged, not sent"
+    assert any("inference failed" in r.getMessage() for r in caplog.records)
+
+
+def test_lambda_ignores_the_working_directory(handler, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the model path is absolute: a different cwd changes nothing
     event = json.loads((ROOT / "deploy" / "lambda" / "events" / "rest_api_binary.json").read_text())
     assert handler.lambda_handler(event, None)["statusCode"] == 200
@@ -243,7 +335,12 @@ def test_the_torch_free_twin_matches_the_predictor_stage_by_stage():
     predictor = Predictor.load(device="cpu")
     probabilities = predictor.predict(predictor.preprocess(Image.open(SEVEN)))[0]
     assert pre.encode(probabilities.numpy(), 3) == [p.as_json() for p in predictor.encode(probabilities, 3)]
-    assert pre.error_body("bad_image", "why") == error_body("bad_image", "why")
+    assert pre.error_body("not_an_image", "why") == error_body("not_an_image", "why")
+    from course_utils.serving import images
+    from course_utils.serving.contract import INTERNAL_ERROR_MESSAGE
+
+    assert (pre.ACCEPTED_FORMATS, pre.MAX_PIXELS) == (images.ACCEPTED_FORMATS, images.DEFAULT_MAX_PIXELS)
+    assert (pre.INTERNAL_ERROR_MESSAGE, pre.DEFAULT_TOP_K) == (INTERNAL_ERROR_MESSAGE, predictor.spec.top_k)
 
 
 # ----------------------------------------------------------------------------- TorchServe and LitServe, for real
@@ -268,7 +365,7 @@ def test_torchserve_serves_the_archive_with_token_auth(tmp_path):
         refused = requests.post(url, data=SEVEN.read_bytes(), timeout=30)   # no token: TorchServe says 400, not 401
         assert refused.status_code == 400 and refused.json()["type"] == "InvalidKeyException", "token auth is on"
         bad = requests.post(url, data=b"not an image", headers=server.headers(), timeout=30)
-        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_image"
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
         again = requests.post(url, data=SEVEN.read_bytes(), headers=server.headers(), timeout=30)
         assert again.status_code == 200, "a bad request does not break the worker"
 

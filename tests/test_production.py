@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -44,56 +43,6 @@ def test_half_precision_casts_inputs_when_asked(cnn, monkeypatch):
     x, y = data.split_tensors("test")
     top = [a[0].index for a in pm.classify_batch(x[:64])]       # float32 inputs are cast, not rejected
     assert sum(int(t == label) for t, label in zip(top, y[:64].tolist(), strict=True)) >= 60
-
-
-def test_registry_promote_rollback_and_integrity(tmp_path):
-    registry = production.ModelRegistry(tmp_path / "registry")
-    artifact = models.checkpoint_path()
-    registry.register(artifact, "v1", {"accuracy": 0.9833})
-    registry.register(artifact, "v2", {"accuracy": 0.98})
-    with pytest.raises(production.RegistryError, match="immutable"):
-        registry.register(artifact, "v1")
-    with pytest.raises(production.RegistryError, match="no version is in production"):
-        registry.path()
-    with pytest.raises(production.RegistryError, match="no previous version"):
-        registry.rollback()
-    registry.promote("v1")
-    with pytest.raises(production.RegistryError, match="no previous version"):
-        registry.rollback()
-    registry.promote("v2")
-    assert registry.production()["version"] == "v2" and registry.get("v1")["stage"] == "archived"
-    assert registry.rollback()["version"] == "v1" and registry.production()["version"] == "v1"
-    assert registry.get("v2")["stage"] == "archived"
-    assert registry.path().read_bytes() == artifact.read_bytes()
-    registry.path("v2").write_bytes(b"tampered")
-    with pytest.raises(production.IntegrityError, match="refusing to load"):
-        registry.path("v2")
-    with pytest.raises(production.RegistryError, match="unknown version"):
-        registry.promote("v9")
-    assert list(registry.table().index) == ["v1", "v2"]
-    assert json.loads((tmp_path / "registry" / "registry.json").read_text())["history"] == ["v1"]
-
-
-def test_two_proportion_test():
-    diff, p = production.two_proportion_test(900, 1000, 950, 1000)
-    assert diff == pytest.approx(0.05) and p < 0.001
-    assert production.two_proportion_test(50, 100, 51, 100)[1] > 0.5
-    with pytest.raises(ValueError):
-        production.two_proportion_test(1, 0, 1, 1)
-
-
-def test_registry_keeps_the_model_spec_with_its_artifact(tmp_path):
-    from course_utils.serving.spec import ModelSpec
-
-    artifact = tmp_path / "cnn.pth"
-    artifact.write_bytes(models.checkpoint_path().read_bytes())
-    ModelSpec(name="digits-v9").save_next_to(artifact)
-    registry = production.ModelRegistry(tmp_path / "registry")
-    registry.register(artifact, "v1")
-    assert Predictor.load(registry.path("v1"), device="cpu").spec.name == "digits-v9"
-    ModelSpec.sidecar(registry.path("v1")).write_text(json.dumps({"name": "tampered"}))
-    with pytest.raises(production.IntegrityError, match="cnn.pth.spec.json of v1"):
-        registry.path("v1")
 
 
 def test_canary_routes_sticky_shares_and_shadows(cnn):

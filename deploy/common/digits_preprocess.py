@@ -3,44 +3,85 @@
 Deployment targets that cannot carry PyTorch or the course's package (an AWS Lambda zip, a
 TorchServe archive that must be self-contained) copy this one file. It is the torch-free twin of
 ``course_utils.serving.Predictor`` (same stage names, same numbers as the digits ``ModelSpec``,
-the same error envelope as ``course_utils.serving.contract``); tests/test_deploy.py pins each
-function to the package's.
+the same error codes, messages and envelope as ``course_utils.serving.contract``);
+tests/test_deploy.py pins each function to the package's.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DIGITS_MEAN = 0.3049
 DIGITS_STD = 0.3758
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEFAULT_TOP_K = 3
 ACCEPTED_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}
 MAX_PIXELS = 40_000_000
+INTERNAL_ERROR_MESSAGE = "the server failed; the error was logged"
 
 
-class BadImage(ValueError):
+class RequestError(ValueError):
+    """A client error with the contract's status, stable code and message (``ServingError``'s twin)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class BadImage(RequestError):
     """The bytes are not an image we accept; the message says why."""
 
 
-def decode(raw: bytes) -> Image.Image:
+def decode(raw: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes -> image, refusing what ``course_utils.serving.images.decode_image`` refuses, with its codes."""
     if not raw:
-        raise BadImage("the image is empty")
-    try:
-        image = Image.open(io.BytesIO(raw))
-    except Exception:
-        raise BadImage("the body is not an image (send PNG, JPEG, GIF, WebP, BMP or TIFF)") from None
+        raise BadImage(400, "empty_file", "the uploaded file is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(raw))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(413, "image_too_large",
+                           f"the image declares more than {max_pixels:,} pixels; refused before decoding") from None
+        except UnidentifiedImageError:
+            raise BadImage(400, "not_an_image",
+                           "the file is not an image Pillow can read; send PNG, JPEG, GIF, WebP, BMP or TIFF") from None
+        except Exception as error:
+            raise BadImage(400, "corrupt_image", f"the image header could not be read ({error})") from None
     if image.format not in ACCEPTED_FORMATS:
-        raise BadImage(f"{image.format} images are not accepted")
-    if image.size[0] * image.size[1] > MAX_PIXELS:
-        raise BadImage(f"the image has more than {MAX_PIXELS:,} pixels")
+        raise BadImage(415, "unsupported_image_format",
+                       f"{image.format} images are not accepted; send PNG, JPEG, GIF, WebP, BMP or TIFF")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImage(400, "corrupt_image", f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise BadImage(413, "image_too_large", f"the image is {width}x{height} = {width * height:,} pixels, more "
+                                               f"than the {max_pixels:,} accepted; refused before decoding")
     try:
+        image.seek(0)
         image.load()
         return ImageOps.exif_transpose(image)
     except Exception as error:
-        raise BadImage(f"the image could not be decoded: {error}") from None
+        raise BadImage(400, "corrupt_image", f"the image could not be decoded: {error}") from None
+
+
+def parse_top_k(raw: object) -> int:
+    """``top_k`` from a query string or a JSON body, as the service's ``parse_top_k`` reads it (422 if invalid)."""
+    if raw is None or raw == "":
+        return DEFAULT_TOP_K
+    k = raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
+    if isinstance(raw, str):
+        try:
+            k = int(raw)
+        except ValueError:
+            k = 0
+    if not 1 <= k <= len(LABELS):
+        raise RequestError(422, "invalid_parameter", f"top_k must be an integer from 1 to {len(LABELS)}, got {raw!r}")
+    return k
 
 
 def preprocess(image: Image.Image) -> np.ndarray:

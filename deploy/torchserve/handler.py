@@ -12,6 +12,7 @@ gets its own 400 without failing the others.
 from __future__ import annotations
 
 import time
+from http import HTTPStatus
 from pathlib import Path
 
 import digits_preprocess as pre  # shipped with --extra-files, unpacked next to this handler
@@ -42,9 +43,12 @@ class DigitsHandler(BaseHandler):
                     raw = raw.encode("latin-1")
                 inputs.append(pre.preprocess(pre.decode(bytes(raw or b""))))
                 positions.append(index)
-            except (pre.BadImage, TypeError) as error:
+            except pre.RequestError as error:   # the contract's status, code and message, as the service's
+                context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx=index)
+                answers[index] = pre.error_body(error.code, error.message)
+            except TypeError:
                 context.set_response_status(400, "Bad Request", idx=index)
-                answers[index] = pre.error_body("bad_image", str(error))
+                answers[index] = pre.error_body("bad_request", "the request holds no image bytes")
         if inputs:
             with torch.inference_mode():
                 logits = self.program(torch.from_numpy(np.stack(inputs))).numpy()
