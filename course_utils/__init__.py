@@ -9,7 +9,8 @@ Modules, each named after what it holds:
 * :mod:`course_utils.bench` - latency / throughput / size measurement and comparison tables
 * :mod:`course_utils.export` - parity checks, ONNX Runtime sessions, the C++ loader
 * :mod:`course_utils.monitoring` - latency monitor, Prometheus parsing, drift detection
-* :mod:`course_utils.production` - production wrapper, model registry, canary router, checklist
+* :mod:`course_utils.production` - production wrapper, canary router, checklist
+* :mod:`course_utils.registry` - the model registry (safe to share between processes)
 * :mod:`course_utils.serving` - the inference service (imported on demand)
 """
 

@@ -197,7 +197,7 @@ class ModelRegistry:
         try:
             state = json.loads(text)
         except json.JSONDecodeError as error:
-            what = "is empty" if not text.strip() else f"is not valid JSON ({error.msg} at line {error.lineno}, " \
+            what = "is empty" if not text.strip() else f"is not valid JSON ({error.msg}: line {error.lineno}, " \
                                                        f"column {error.colno})"
             raise CorruptRegistryError(f"{self.index} {what}: it was truncated or edited by hand; restore it from "
                                        f"a backup (the artifacts in {self.root}/<version>/ are untouched)") from None
