@@ -122,5 +122,36 @@ def load_trained_cnn(device: str | torch.device = "cpu", path: str | Path | None
     path = checkpoint_path() if path is None else Path(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = DigitsCNN()
+    problem = state_dict_problem(state, model)
+    if problem:
+        raise ValueError(f"{path} is not a state_dict of the course's DigitsCNN: {problem}")
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def state_dict_problem(state: object, model: nn.Module) -> str | None:
+    """Why ``state`` cannot be loaded into ``model`` (the first mismatching key), or None if it can.
+
+    >>> state_dict_problem({"weight": torch.zeros(3, 2)}, nn.Linear(2, 3))
+    "key 'bias' is missing"
+    >>> state_dict_problem({"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}, nn.Linear(2, 3))
+    "'weight' has shape (3, 3), the model's is (3, 2)"
+    """
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict of tensors"
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        instead = f"; it has {unexpected[0]!r} instead" if unexpected else ""
+        return f"key {missing[0]!r} is missing{more}{instead}"
+    if unexpected:
+        return f"unexpected key {unexpected[0]!r}"
+    for key, tensor in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            return f"{key!r} is a {type(value).__name__}, not a tensor"
+        if value.shape != tensor.shape:
+            return f"{key!r} has shape {tuple(value.shape)}, the model's is {tuple(tensor.shape)}"
+    return None

@@ -51,6 +51,8 @@ from .data import sha256_file
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .serving.predictor import Predictor
+
 LOG = logging.getLogger("course_utils.registry")
 
 INDEX_NAME = "registry.json"
@@ -261,8 +263,14 @@ class ModelRegistry:
         finally:
             shutil.rmtree(incoming, ignore_errors=True)   # gone already unless something failed
 
-    def promote(self, version: str) -> dict[str, Any]:
-        """Make ``version`` production (the previous one is archived). Promoting production again changes nothing."""
+    def promote(self, version: str, check: bool = True) -> dict[str, Any]:
+        """Make ``version`` production (the previous one is archived). Promoting production again changes nothing.
+
+        ``check``: first load the artifact as the service would (:meth:`load`): a file that fails its
+        sha256 or cannot be served is refused here, not at the first request.
+        """
+        if check:
+            self.load(version, device="cpu")
         with self._locked():
             state = self._load()
             entry = self._entry(state, version)
@@ -276,19 +284,38 @@ class ModelRegistry:
             self._save(state)
             return entry
 
-    def rollback(self) -> dict[str, Any]:
-        """Return production to the version promoted before the current one."""
-        with self._locked():
-            state = self._load()
-            if len(state["history"]) < 2:
+    def rollback(self, check: bool = True) -> dict[str, Any]:
+        """Return production to the version promoted before the current one (checked first, as promote does)."""
+        for _ in range(5):   # another process may change the history while the candidate is being checked
+            history = self.history()
+            if len(history) < 2:
                 raise RegistryError("no previous version to roll back to: promote at least two versions first")
-            current = state["history"].pop()
-            previous = state["history"][-1]
-            state["versions"][current]["stage"] = "archived"
-            state["versions"][previous]["stage"] = "production"
-            self._save(state)
-        LOG.warning("rolled back from %s to %s", current, previous)
-        return state["versions"][previous]
+            if check:
+                self.load(history[-2], device="cpu")
+            with self._locked():
+                state = self._load()
+                if state["history"][-2:] != history[-2:]:
+                    continue
+                current = state["history"].pop()
+                previous = state["history"][-1]
+                state["versions"][current]["stage"] = "archived"
+                state["versions"][previous]["stage"] = "production"
+                self._save(state)
+            LOG.warning("rolled back from %s to %s", current, previous)
+            return state["versions"][previous]
+        raise RegistryBusyError("registry busy: the history kept changing during the rollback; try again")
+
+    def load(self, version: str | None = None, **options: Any) -> Predictor:
+        """``version`` (default: production) as a checked :class:`~course_utils.serving.Predictor`.
+
+        Its sha256 first (:class:`IntegrityError`), then ``Predictor.load``'s checks
+        (:class:`~course_utils.serving.ModelLoadError`); ``options`` go to ``Predictor.load``.
+        """
+        from .serving.predictor import Predictor
+
+        path = self.path(version)
+        name = version or path.parent.name
+        return Predictor.load(path, version=name, **options)
 
     # ------------------------------------------------------------------ reads (no lock: the index is replaced whole)
     @staticmethod

@@ -20,6 +20,20 @@ FRAMEWORKS = ["fastapi", "flask"]
 PAYLOADS = data.sample_payloads()
 
 
+def uvicorn_workers(parent) -> list:
+    """The live worker processes of a uvicorn supervisor (not multiprocessing's resource tracker, not zombies)."""
+    import psutil
+
+    alive = []
+    for child in parent.children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                alive.append(child)
+        except psutil.Error:   # it exited while we looked
+            pass
+    return alive
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_300_slow_clients_do_not_take_the_service_offline(framework):
     with serve_in_background(framework) as server:
@@ -84,8 +98,8 @@ def test_a_killed_worker_costs_nothing_to_a_client_that_retries():
     with serve_in_background("fastapi", args=["--workers", "2"]) as server:
         parent = psutil.Process(server.process.pid)
 
-        def workers() -> list[psutil.Process]:   # uvicorn's workers; not multiprocessing's resource tracker
-            return [c for c in parent.children() if c.is_running() and "resource_tracker" not in " ".join(c.cmdline())]
+        def workers() -> list[psutil.Process]:
+            return uvicorn_workers(parent)
 
         deadline = time.monotonic() + 30
         while len(workers()) < 2 and time.monotonic() < deadline:
@@ -135,3 +149,75 @@ def test_the_retrying_client_never_retries_a_client_error_and_gives_up_on_a_dead
     with pytest.raises(requests.ConnectionError):
         post_image(f"http://127.0.0.1:{free_port()}/predict", b"x", retries=2, backoff_s=0.05)
     assert time.perf_counter() - started < 2, "backoff is bounded"
+
+
+# ----------------------------------------------------------------------------- metrics across worker processes
+
+def _predict_counts(server) -> tuple[dict[str, float], float]:
+    """One scrape, on a new connection: /predict requests by status, and the latency histogram's count."""
+    from course_utils import monitoring
+
+    text = requests.get(server.url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+    samples = monitoring.parse_prometheus(text)
+    by_status = {row.labels["status"]: row.value for row in samples.itertuples()
+                 if row.name == "inference_requests_total" and row.labels.get("endpoint") == "/predict"}
+    count = [row.value for row in samples.itertuples()
+             if row.name == "inference_request_latency_seconds_count" and row.labels.get("endpoint") == "/predict"]
+    return by_status, sum(count)
+
+
+def test_every_scrape_of_two_workers_reports_every_request_even_after_a_worker_is_killed():
+    import os
+
+    import psutil
+
+    raw, content_type, _ = PAYLOADS[3]
+    outcomes = {"200": (raw, {"X-API-Key": "k"}), "400": (b"not an image", {"X-API-Key": "k"}),
+                "413": (b"\0" * 20_000, {"X-API-Key": "k"}), "401": (raw, {})}
+    with serve_in_background("fastapi", args=["--workers", "2", "--api-key", "k", "--max-upload-mb", "0.01"]) as server:
+        parent = psutil.Process(server.process.pid)
+
+        def workers() -> list[psutil.Process]:
+            return uvicorn_workers(parent)
+
+        deadline = time.monotonic() + 30
+        while len(workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        sent = {"200": 40, "400": 10, "413": 5, "401": 5}
+        for status, times in sent.items():
+            body, headers = outcomes[status]
+            for _ in range(times):   # a new connection each: the kernel spreads them over both workers
+                answer = requests.post(server.url + "/predict", files={"file": ("d.png", body, content_type)},
+                                       headers={**headers, "Connection": "close"}, timeout=10)
+                assert str(answer.status_code) == status, answer.text
+        expected = {status: float(times) for status, times in sent.items()}
+        scrapes = [_predict_counts(server) for _ in range(6)]
+        assert all(scrape == (expected, 60.0) for scrape in scrapes), scrapes
+        first = workers()
+        os.kill(first[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (len(workers()) < 2 or first[0] in workers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = [_predict_counts(server) for _ in range(4)]
+    assert all(scrape == (expected, 60.0) for scrape in after), f"counters went backwards after a restart: {after}"
+
+
+def test_a_dead_workers_counts_stay_and_its_in_flight_requests_go(tmp_path):
+    """Multiprocess mode, unit level: a worker that dies (no clean-up at all) leaves its counters, not its gauge."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dying = ("import os; from course_utils.serving.metrics import ServiceMetrics; m = ServiceMetrics('v1', 'fastapi'); "
+             "m.observe('/predict', 200, 0.01); m.observe('/predict', 200, 0.02); m.in_flight.inc(3); os._exit(0)")
+    subprocess.run([sys.executable, "-c", dying], env=env, check=True, timeout=60)
+    scrape = ("from course_utils.serving.metrics import ServiceMetrics; m = ServiceMetrics('v1', 'fastapi'); "
+              "m.observe('/predict', 400, 0.01); print(m.render().decode())")
+    text = subprocess.run([sys.executable, "-c", scrape], env=env, check=True, timeout=60, capture_output=True,
+                          text=True).stdout
+    assert 'inference_requests_total{endpoint="/predict",status="200"} 2.0' in text
+    assert 'inference_requests_total{endpoint="/predict",status="400"} 1.0' in text
+    assert 'inference_request_latency_seconds_count{endpoint="/predict"} 3.0' in text
+    assert "inference_in_flight_requests 0.0" in text, "the dead worker's in-flight requests are not counted"
+    assert 'inference_model_info{framework="fastapi",model_version="v1"} 1.0' in text

@@ -64,5 +64,11 @@ def test_loader_refuses_a_pickled_module(tmp_path):
 def test_loader_reports_a_wrong_architecture(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(RuntimeError, match="state_dict"):
+    with pytest.raises(ValueError, match="not a state_dict of the course's DigitsCNN: key 'block1.conv.weight' is "
+                                         "missing .and 19 more.; it has 'weight' instead"):
+        models.load_trained_cnn(path=path)
+    state = models.DigitsCNN().state_dict()
+    state["fc.weight"] = torch.zeros(10, 128)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"'fc.weight' has shape \(10, 128\), the model's is \(10, 256\)"):
         models.load_trained_cnn(path=path)

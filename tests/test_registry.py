@@ -178,7 +178,18 @@ def test_twenty_processes_register_at_once(tmp_path, artifact):
         registry.path(version)   # every copy is whole
 
 
-def test_concurrent_promotions_and_rollbacks_lose_nothing(tmp_path, artifact):
+@pytest.fixture(scope="module")
+def onnx_artifact(tmp_path_factory) -> Path:
+    """The digits CNN in ONNX: promote and rollback load it to check it, without importing torch."""
+    import torch
+
+    from course_utils import export
+
+    return export.onnx_export(models.load_trained_cnn(), torch.zeros(2, 1, 8, 8),
+                              tmp_path_factory.mktemp("onnx") / "digits.onnx")
+
+
+def test_concurrent_promotions_and_rollbacks_lose_nothing(tmp_path, onnx_artifact):
     """Ten processes each promote their own version, then roll back once: every rollback undoes one promotion.
 
     Whatever the interleaving, the history must end where it began, at v0. A lost update (two changes
@@ -186,7 +197,7 @@ def test_concurrent_promotions_and_rollbacks_lose_nothing(tmp_path, artifact):
     """
     registry = ModelRegistry(tmp_path / "registry")
     for i in range(11):
-        registry.register(artifact, f"v{i}")
+        registry.register(onnx_artifact, f"v{i}")
     registry.promote("v0")
     script = ("registry = ModelRegistry(root)\npromoted = registry.promote(f'v{i + 1}')['stage']\n"
               "rolled_to = registry.rollback()['version']\n"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from course_utils import data, models
-from course_utils.serving import Predictor, serve_in_background
+from course_utils.serving import ModelLoadError, Predictor, serve_in_background
 from course_utils.serving.spec import ModelSpec, ModelSpecError, export_resnet18, main
 
 LABELS = tuple(f"class {i}" for i in range(1000))
@@ -96,8 +96,9 @@ def test_a_spec_whose_labels_do_not_fit_the_model_is_refused(tmp_path):
     model = tmp_path / "cnn.pth"
     model.write_bytes(models.checkpoint_path().read_bytes())
     ModelSpec(labels=("a", "b", "c")).save_next_to(model)
-    with pytest.raises(ModelSpecError, match="has 3 names but model .* has 10 outputs"):
-        Predictor.load(model, device="cpu").warmup()
+    with pytest.raises(ModelLoadError, match="its spec disagrees with it: field 'labels' has 3 names but the model has "
+                                             "10 outputs"):
+        Predictor.load(model, device="cpu")            # refused when loaded, before any request
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from .client import post_image
 from .contract import ServingError
 from .images import decode_image
 from .loadgen import LoadResult, run_load
-from .predictor import Prediction, Predictor
+from .predictor import ModelLoadError, Prediction, Predictor
 from .service import InferenceService, ServiceConfig
 from .spec import ModelSpec, ModelSpecError
 
-__all__ = ["DynamicBatcher", "InferenceService", "LoadResult", "ModelSpec", "ModelSpecError", "Prediction", "Predictor",
-           "ServiceConfig", "ServingError", "decode_image", "free_port", "post_image", "run_load", "serve_asgi_in_thread",
-           "serve_in_background", "serve_wsgi_in_thread", "wait_until_ready"]
+__all__ = ["DynamicBatcher", "InferenceService", "LoadResult", "ModelLoadError", "ModelSpec", "ModelSpecError",
+           "Prediction", "Predictor", "ServiceConfig", "ServingError", "decode_image", "free_port", "post_image",
+           "run_load", "serve_asgi_in_thread", "serve_in_background", "serve_wsgi_in_thread", "wait_until_ready"]

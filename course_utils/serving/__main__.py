@@ -16,9 +16,11 @@ import sys
 
 from .service import ServiceConfig, configure_request_logging
 
+PROG = "python -m course_utils.serving"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m course_utils.serving", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     try:
         defaults = ServiceConfig.from_env()
     except ValueError as error:
@@ -80,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
                                     max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework,
                                     drain_s=args.drain_seconds, grace_s=args.grace_seconds)
     os.environ.update(config.to_env())  # worker processes rebuild the config from the environment
+    from .predictor import ModelLoadError, Predictor
+    from .spec import ModelSpec
+
+    try:   # before the port is bound or a worker starts: a broken model file is one line, exit 2
+        spec = ModelSpec.load(config.spec_path) if config.spec_path else None
+        if args.framework == "fastapi":   # the workers load it again; flask's one process loads it here
+            Predictor.load(config.model_path, device="cpu", spec=spec, threads=1)
+        else:
+            from .flask_app import create_app
+
+            app = create_app(config)
+    except ModelLoadError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     configure_request_logging()          # one JSON line per /predict request, on stderr
     print(f"serving {args.framework} on http://{args.host}:{args.port} (model: {config.model_path or 'data/ checkpoint'}"
           f"{', spec: ' + config.spec_path if config.spec_path else ''},"
@@ -89,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.framework == "fastapi":
         import uvicorn
 
-        uvicorn.run("course_utils.serving.fastapi_app:create_app_from_env", factory=True, host=args.host,
-                    port=args.port, workers=args.workers, log_level="warning",
-                    timeout_graceful_shutdown=max(1, round(args.grace_seconds)))
+        from .metrics import multiprocess_metrics
+
+        with multiprocess_metrics(args.workers):   # N workers: every scrape sums them all
+            uvicorn.run("course_utils.serving.fastapi_app:create_app_from_env", factory=True, host=args.host,
+                        port=args.port, workers=args.workers, log_level="warning",
+                        timeout_graceful_shutdown=max(1, round(args.grace_seconds)))
     else:
-        from .flask_app import create_app
         from .lifecycle import serve_waitress
 
-        app = create_app(config)
         serve_waitress(app, app.extensions["inference_service"], args.host, args.port,
                        threads=max(args.workers, 8) if args.workers == 1 else args.workers,
                        drain_s=args.drain_seconds, grace_s=args.grace_seconds, ident="course-service")

@@ -25,6 +25,7 @@ the service uses, torch-free for ONNX); ``preprocess`` / ``predict`` take and gi
 from __future__ import annotations
 
 import os
+import re
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -102,46 +103,116 @@ class Predictor:
     @classmethod
     def load(cls, path: str | Path | None = None, device: Any = None, version: str | None = None,
              spec: ModelSpec | None = None, threads: int | None = None) -> Predictor:
-        """Load a model file (default: the course's trained checkpoint) and return a predictor.
+        """Load a model file (default: the course's trained checkpoint), check it, and return a predictor.
 
         ``spec`` defaults to the sidecar next to the file (``<file>.spec.json``), else the digits spec.
         ``threads``: ONNX Runtime's intra-op threads (torch models use torch's setting).
+
+        The model is run once on a blank batch of two: a file that cannot be served raises
+        :class:`ModelLoadError` with one line naming the file, the format it was taken for and why
+        (not a valid ONNX file, a state_dict that does not fit, an output that is not
+        ``(batch, classes)``, a spec that disagrees with the model, a failed sha256 check).
         """
         if path is None:
             from .. import models
 
-            path = models.checkpoint_path()
+            try:
+                path = models.checkpoint_path()
+            except data.DataIntegrityError as error:
+                raise ModelLoadError(Path(models.CHECKPOINT), "the course's checkpoint", str(error)) from None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
         spec = spec or ModelSpec.for_model(path)
         digest = data.sha256_file(path)[:12]
         version = version or f"{path.stem}-{digest}"
+        predictor = cls._open(path, device, version, spec, threads)
+        predictor.check(path)
+        return predictor
+
+    @classmethod
+    def _open(cls, path: Path, device: Any, version: str, spec: ModelSpec, threads: int | None) -> Predictor:
         suffix = path.suffix.lower()
         if suffix == ".onnx":
-            session = _onnx_session(path, device, threads)
-            input_name = session.get_inputs()[0].name
+            kind = "an ONNX model"
+            try:
+                session = _onnx_session(path, device, threads)
+            except Exception as error:  # ORT's InvalidProtobuf, Fail, NoSuchFile (external data), ...
+                raise ModelLoadError(path, kind, f"onnxruntime cannot load it ({_ort_reason(error)})") from None
+            inputs = session.get_inputs()
+            if len(inputs) != 1:
+                raise ModelLoadError(path, kind, f"it has {len(inputs)} inputs; the service feeds one image tensor")
+            declared = tuple(inputs[0].shape[1:])
+            if len(declared) != 3 or any(isinstance(d, int) and d != s for d, s in zip(declared, spec.input_shape, strict=True)):
+                raise ModelLoadError(path, kind, f"it takes inputs of shape {tuple(inputs[0].shape)}, but its spec "
+                                                 f"says (N, {', '.join(map(str, spec.input_shape))})")
+            input_name = inputs[0].name
             return cls(lambda x: session.run(None, {input_name: x})[0], "onnx", version, "cpu", spec,
                        takes_arrays=True)
         if suffix not in (".pt2", ".pt", ".pth"):
-            raise ValueError(f"unknown model format {suffix!r}: use .pt/.pth (state_dict or TorchScript), "
-                             ".pt2 (torch.export or AOTInductor) or .onnx")
+            raise ModelLoadError(path, f"a {suffix or 'suffix-less'} file",
+                                 "unknown model format: use .pt/.pth (state_dict or TorchScript), .pt2 "
+                                 "(torch.export or AOTInductor) or .onnx")
         import torch
 
         from .. import env, models
 
         device = torch.device(device) if device is not None else env.pick_device()
         if suffix == ".pt2":
-            if _is_aoti_package(path):
-                compiled = torch._inductor.aoti_load_package(str(path))
-                return cls(compiled, "aotinductor", version, torch.device("cpu"), spec)
-            program = torch.export.load(str(path))
-            return cls(program.module().to(device), "exported", version, device, spec)
+            kind = "a torch.export program or AOTInductor package (.pt2)"
+            if not zipfile.is_zipfile(path):
+                raise ModelLoadError(path, kind, "it is not a zip archive, so neither torch.export.save nor "
+                                                 "aoti_compile_and_package wrote it")
+            try:
+                if _is_aoti_package(path):
+                    compiled = torch._inductor.aoti_load_package(str(path))
+                    return cls(compiled, "aotinductor", version, torch.device("cpu"), spec)
+                program = torch.export.load(str(path))
+                return cls(program.module().to(device), "exported", version, device, spec)
+            except Exception as error:
+                raise ModelLoadError(path, kind, f"torch cannot load it ({_one_line(error)})") from None
         if _is_torchscript(path):
-            scripted = torch.jit.load(str(path), map_location=device).eval()
+            try:
+                scripted = torch.jit.load(str(path), map_location=device).eval()
+            except Exception as error:
+                raise ModelLoadError(path, "a TorchScript archive", f"torch.jit.load fails ({_one_line(error)})") from None
             return cls(scripted, "torchscript", version, device, spec)
-        model = models.load_trained_cnn(device=device, path=path)
-        return cls(model, "eager", version, device, spec)
+        kind = "a state_dict of the course's DigitsCNN"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            text = " ".join(str(error).split())
+            pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            unpickler = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)
+            if pickled:
+                reason = (f"it holds a pickled {pickled.group(1)}, not only tensors, and torch.load(weights_only=True) "
+                          f"will not run its code: save model.state_dict(), or export the model (.pt2, .onnx)")
+            else:
+                why = unpickler.group(1) if unpickler else _one_line(error)
+                reason = f"it is neither a TorchScript archive nor a state_dict torch.load can read ({why})"
+            raise ModelLoadError(path, kind, reason) from None
+        problem = models.state_dict_problem(state, models.DigitsCNN())
+        if problem:
+            raise ModelLoadError(path, kind, problem)
+        return cls(models.load_trained_cnn(device=device, path=path), "eager", version, device, spec)
+
+    def check(self, path: str | Path | None = None) -> None:
+        """Run the model on a blank batch of two; a :class:`ModelLoadError` if it cannot serve its spec."""
+        where = Path(path) if path is not None else Path(self.version)
+        kind = {"onnx": "an ONNX model", "exported": "a torch.export program", "aotinductor": "an AOTInductor package",
+                "torchscript": "a TorchScript archive", "eager": "a state_dict of the course's DigitsCNN"
+                }.get(self.kind, f"a {self.kind} model")
+        shape = ", ".join(map(str, self.spec.input_shape))
+        blank = np.repeat(self.preprocess_array(self.spec.blank_image())[None], 2, axis=0)
+        try:
+            probabilities = self.predict_array(blank)
+        except Exception as error:
+            raise ModelLoadError(where, kind, f"it fails on a batch of 2 inputs (2, {shape}), the shape its spec "
+                                              f"says ({_ort_reason(error)})") from None
+        try:
+            self.spec.check_outputs(probabilities.shape[1], "the model")
+        except ValueError as error:
+            raise ModelLoadError(where, kind, f"its spec disagrees with it: {error}") from None
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> float:
         """Run a few dummy batches (first calls pay for lazy initialisation); return seconds taken.
@@ -219,6 +290,31 @@ class Predictor:
         return [self.encode(row, top_k) for row in self.predict_array(batch)]
 
 
+class ModelLoadError(ValueError):
+    """A model file that cannot be served; the message is one line: the file, what it was taken for, why."""
+
+    def __init__(self, path: Path, kind: str, reason: str) -> None:
+        self.path, self.kind, self.reason = path, kind, reason
+        super().__init__(f"cannot serve {path} as {kind}: {reason}")
+
+
+def _one_line(error: BaseException | str, limit: int = 200) -> str:
+    """A library's error message on one line, at most ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ort_reason(error: BaseException) -> str:
+    """ONNX Runtime's message without its ``[ONNXRuntimeError] : 7 :`` prefix and repeated file path."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", " ".join(str(error).split()))
+    return _one_line(re.sub(r"Load model from \S+ failed: ?", "", text))
+
+
+def _check_logits(shape: tuple[int, ...], batch: int) -> None:
+    if len(shape) != 2 or shape[0] != batch:
+        raise ValueError(f"the model's output has shape {shape} for a batch of {batch}; expected ({batch}, classes)")
+
+
 def _dtype_name(original: Any, array: np.ndarray) -> str:
     return str(getattr(original, "dtype", array.dtype))
 
@@ -226,6 +322,7 @@ def _dtype_name(original: Any, array: np.ndarray) -> str:
 def _numpy_softmax(fn: ArrayFn) -> ArrayFn:
     def probabilities(x: np.ndarray) -> np.ndarray:
         logits = np.asarray(fn(x), dtype=np.float32)
+        _check_logits(tuple(logits.shape), len(x))
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
     return probabilities
@@ -239,6 +336,7 @@ def _torch_softmax(fn: Callable[[Any], Any], device: Any, dtype: Any) -> ArrayFn
     def probabilities(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             logits = fn(torch.from_numpy(x).to(device=device, dtype=dtype))   # cast the inputs too
+            _check_logits(tuple(getattr(logits, "shape", ())), len(x))
             return torch.softmax(torch.as_tensor(logits).float(), dim=1).cpu().numpy()
     return probabilities
 
