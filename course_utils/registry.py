@@ -69,6 +69,28 @@ _ENTRY_FIELDS = {"version": str, "file": str, "sha256": str, "created": str, "st
                  "companions": dict}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)   # read it (once, at import) by setting it, then put it back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+_FILE_MODE, _DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
+def _replace(source: str, target: Path) -> None:
+    """``os.replace``; on Windows, retried while a reader holds the target open."""
+    for attempt in range(20):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == 19:
+                raise
+            time.sleep(0.05)
+
+
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done (unknown version, nothing to roll back to, ...)."""
 
@@ -94,15 +116,55 @@ def check_version(version: object) -> str:
     if not isinstance(version, str):
         raise RegistryError(f"a version is a string, got {type(version).__name__}: use {VERSION_RULE}")
     if (not VERSION_PATTERN.fullmatch(version) or ".." in version or version.endswith(".")
-            or version == INDEX_NAME or version.split(".")[0].upper() in _WINDOWS_DEVICES):
+            or version.casefold() == INDEX_NAME or version.split(".")[0].upper() in _WINDOWS_DEVICES):
         raise RegistryError(f"invalid version {version!r}: use {VERSION_RULE} (and not a name Windows reserves "
                             f"such as NUL or COM1)")
     return version
 
 
 def companions(artifact: Path) -> list[Path]:
-    """The files that must travel with ``artifact``: ``<name>.*`` beside it (spec sidecar, ONNX external data)."""
-    return sorted(p for p in artifact.parent.glob(f"{glob.escape(artifact.name)}.*") if p.is_file())
+    """The files that must travel with ``artifact``: ``<name>.*`` beside it (the spec sidecar, ONNX's
+    ``<name>.data``) and, for an ONNX model, every external-data file the model names."""
+    found = {p for p in artifact.parent.glob(f"{glob.escape(artifact.name)}.*") if p.is_file()}
+    if artifact.suffix.lower() == ".onnx":
+        found |= {artifact.parent / name for name in _onnx_external_files(artifact)}
+    return sorted(found)
+
+
+def _onnx_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor of an ONNX graph: initializers and node attributes, subgraphs (If, Loop) included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _onnx_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _onnx_tensors(subgraph)
+
+
+def _onnx_external_files(model: Path) -> set[str]:
+    """The external-data locations an ONNX file names (``model.onnx_data``, ``weights.bin``, ...)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:   # not ONNX at all: promote's load check says so in one line
+        return set()
+    names = set()
+    for tensor in _onnx_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    for name in names:
+        if Path(name).name != name:
+            raise RegistryError(f"{model.name} keeps external data in {name!r}: only files beside the model are "
+                                f"supported")
+        if not (model.parent / name).is_file():
+            raise RegistryError(f"{model.name} needs its external data file {name!r}, which is not beside it")
+    return names
 
 
 def index_problems(state: object) -> list[str]:
@@ -131,15 +193,17 @@ def index_problems(state: object) -> list[str]:
             problems.append(f"version {name!r} is recorded under the name {entry['version']!r}")
         if file.is_absolute() or len(file.parts) != 2 or file.parts[0] != name:
             problems.append(f"version {name!r}: its file {entry['file']!r} is not inside its own folder {name}/")
-        extra = entry.get("companions", {})
-        if not isinstance(extra, dict) or not all(isinstance(k, str) and k.startswith(file.name + ".") and "/" not in k
-                                                  and "\\" not in k for k in extra):
-            problems.append(f"version {name!r}: 'companions' must map names {file.name}.* to their sha256")
+        extra = entry["companions"]
+        if not all(isinstance(k, str) and k and Path(k).name == k and "\\" not in k and k not in (".", "..")
+                   and k != file.name for k in extra):
+            problems.append(f"version {name!r}: 'companions' must map plain file names to their sha256")
         elif not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in [entry["sha256"], *extra.values()]):
             problems.append(f"version {name!r}: a sha256 is not 64 lowercase hex digits")
         if entry["stage"] not in STAGES:
             problems.append(f"version {name!r}: stage {entry['stage']!r} is not one of {', '.join(STAGES)}")
     history = state["history"]
+    if not all(isinstance(v, str) for v in history):
+        return [*problems, "the history must be a list of version names"]
     unknown = [v for v in history if v not in versions]
     if unknown:
         problems.append(f"the history names versions that are not registered: {unknown[:3]}")
@@ -217,7 +281,8 @@ class ModelRegistry:
                 json.dump(state, fh, indent=2, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())   # on disk before the rename: a power cut leaves the old index or the new
-            os.replace(temporary, self.index)
+            os.chmod(temporary, _FILE_MODE)   # mkstemp makes it 0600: other users of the registry must read it
+            _replace(temporary, self.index)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -231,6 +296,11 @@ class ModelRegistry:
             raise FileNotFoundError(f"artifact {source} does not exist")
         if version in self._load()["versions"]:   # fail before copying; checked again under the lock
             raise RegistryError(f"version {version!r} is already registered; versions are immutable")
+        try:
+            json.dumps(metadata or {})
+        except (TypeError, ValueError) as error:
+            raise RegistryError(f"the metadata of {version!r} must be JSON (str, int, float, bool, lists, dicts): "
+                                f"{error}") from None
         incoming = Path(tempfile.mkdtemp(dir=self.root, prefix=f".incoming-{version}-"))
         try:
             hashes = {}
@@ -250,12 +320,14 @@ class ModelRegistry:
                     raise RegistryError(f"version {version!r} differs only in case from {clash[0]!r}: macOS and "
                                         f"Windows disks would store both in one folder")
                 folder = self.root / version
-                if folder.exists():   # not in the index: left by a register that died before recording it
+                if folder.is_dir():   # not in the index: left by a register that died before recording it
                     LOG.warning("replacing %s, left unrecorded by an interrupted register", folder)
-                    if folder.is_dir():
-                        shutil.rmtree(folder)
-                    else:
-                        folder.unlink()
+                    shutil.rmtree(folder)
+                elif folder.exists():
+                    raise RegistryError(f"{folder} is a file that is not the registry's: move it, or pick another "
+                                        f"version name")
+                self._forget_stale_incoming()
+                incoming.chmod(_DIR_MODE)   # mkdtemp makes it 0700
                 incoming.rename(folder)
                 state["versions"][version] = entry
                 self._save(state)
@@ -263,14 +335,24 @@ class ModelRegistry:
         finally:
             shutil.rmtree(incoming, ignore_errors=True)   # gone already unless something failed
 
-    def promote(self, version: str, check: bool = True) -> dict[str, Any]:
+    def _forget_stale_incoming(self, older_than_s: float = 3600.0) -> None:
+        """Remove copies left by registers killed mid-copy an hour ago or more (hold the lock)."""
+        for folder in self.root.glob(".incoming-*"):
+            try:
+                if time.time() - folder.stat().st_mtime > older_than_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+    def promote(self, version: str, check: bool = True, device: Any = None) -> dict[str, Any]:
         """Make ``version`` production (the previous one is archived). Promoting production again changes nothing.
 
-        ``check``: first load the artifact as the service would (:meth:`load`): a file that fails its
-        sha256 or cannot be served is refused here, not at the first request.
+        ``check``: first load the artifact as the service would (:meth:`load`, on ``device``, default
+        the best one here): a file that fails its sha256 or cannot be served is refused now, not at
+        the first request.
         """
         if check:
-            self.load(version, device="cpu")
+            self.load(version, device=device)
         with self._locked():
             state = self._load()
             entry = self._entry(state, version)
@@ -284,14 +366,14 @@ class ModelRegistry:
             self._save(state)
             return entry
 
-    def rollback(self, check: bool = True) -> dict[str, Any]:
+    def rollback(self, check: bool = True, device: Any = None) -> dict[str, Any]:
         """Return production to the version promoted before the current one (checked first, as promote does)."""
         for _ in range(5):   # another process may change the history while the candidate is being checked
             history = self.history()
             if len(history) < 2:
                 raise RegistryError("no previous version to roll back to: promote at least two versions first")
             if check:
-                self.load(history[-2], device="cpu")
+                self.load(history[-2], device=device)
             with self._locked():
                 state = self._load()
                 if state["history"][-2:] != history[-2:]:

@@ -190,6 +190,14 @@ def test_lambda_answers_every_event_shape(handler, event_file):
 PNG64 = base64.b64encode(SEVEN.read_bytes()).decode()
 
 
+def _lab_tiff() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("LAB", (8, 8)).save(buffer, "TIFF")   # decodes fine; no conversion to grey exists
+    return buffer.getvalue()
+
+
 def _event(raw_body, base64_encoded, content_type="image/png", query=None):
     return {"httpMethod": "POST", "path": "/predict", "headers": {"Content-Type": content_type},
             "queryStringParameters": query, "body": raw_body, "isBase64Encoded": base64_encoded}
@@ -236,6 +244,10 @@ ODD_EVENTS = {
     "top_k=abc": (_event(PNG64, True, query={"top_k": "abc"}), 422, "invalid_parameter"),
     "top_k=11": (_event(PNG64, True, query={"top_k": "11"}), 422, "invalid_parameter"),
     "11 MB of junk": (_event(base64.b64encode(b"\0" * (11 * 2**20)).decode(), True), 413, "payload_too_large"),
+    "body object, a 15 MB image": ({"body": {"image": "A" * (15 * 2**20)}}, 413, "payload_too_large"),
+    "JSON nested 100,000 deep": (_event("[" * 100_000, False, "application/json"), 400, "bad_json"),
+    "a CIELAB TIFF": (_event(base64.b64encode(_lab_tiff()).decode(), True, "image/tiff"), 400, "unprocessable_image"),
+    "header names that are not text": ({**_http_api(), "headers": {1: "x", None: "y"}, "body": "%%"}, 400, "bad_encoding"),
 }
 
 #: Odd events that are still requests the handler can answer: (event, number of predictions).
@@ -249,6 +261,8 @@ ODD_BUT_FINE = {
     "JSON top_k overrides the query's": (_event(json.dumps({"image": PNG64, "top_k": 4}), False, "application/json",
                                                 query={"top_k": "2"}), 4),
     "query top_k=1 on HTTP API v2": (_http_api(queryStringParameters={"top_k": "1"}), 1),
+    "JSON text with non-ASCII characters": (_event(json.dumps({"image": PNG64, "note": "café €"}, ensure_ascii=False),
+                                                   False, "application/json"), 3),
 }
 
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -221,3 +222,17 @@ def test_a_dead_workers_counts_stay_and_its_in_flight_requests_go(tmp_path):
     assert 'inference_request_latency_seconds_count{endpoint="/predict"} 3.0' in text
     assert "inference_in_flight_requests 0.0" in text, "the dead worker's in-flight requests are not counted"
     assert 'inference_model_info{framework="fastapi",model_version="v1"} 1.0' in text
+
+
+def test_a_chosen_metrics_directory_is_emptied_even_for_one_worker(tmp_path, monkeypatch):
+    from course_utils.serving.metrics import MULTIPROCESS_ENV, multiprocess_metrics
+
+    (tmp_path / "counter_123.db").write_bytes(b"old run")
+    monkeypatch.setenv(MULTIPROCESS_ENV, str(tmp_path))
+    with multiprocess_metrics(1) as folder:
+        assert folder == str(tmp_path) and not list(tmp_path.glob("*.db")), "a previous run's values would add up"
+    assert tmp_path.is_dir(), "the operator's directory is kept"
+    monkeypatch.delenv(MULTIPROCESS_ENV)
+    with multiprocess_metrics(2) as fresh:
+        assert fresh is not None and Path(fresh).is_dir()
+    assert not Path(fresh).exists(), "a directory the CLI made is removed at exit"

@@ -127,7 +127,7 @@ BROKEN = {
                                    "a state_dict of the course's DigitsCNN",
                                    "key 'block1.conv.weight' is missing .and 19 more.; it has 'weight' instead"),
     "TorchScript whose output is (batch,)": (lambda f, g: _scripted(f, OneNumber()), "a TorchScript archive",
-                                             r"the model's output has shape \(2,\) for a batch of 2; expected \(2, classes\)"),
+                                             r"the model's output has shape \(1,\) for a batch of 1; expected \(1, classes\)"),
     "TorchScript with 5 classes": (lambda f, g: _scripted(f, FiveClasses()), "a TorchScript archive",
                                    "field 'labels' has 10 names but the model has 5 outputs"),
     "unknown suffix (.h5)": (lambda f, g: _write(f, "model.h5", b"HDF"), "a .h5 file", "unknown model format"),
@@ -156,6 +156,18 @@ def test_the_checkpoint_failing_its_manifest_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="as the course's checkpoint: .*changed or corrupted") as error:
         Predictor.load(device="cpu")
     assert "\n" not in str(error.value)
+
+
+def test_a_fixed_batch_model_loads_but_refuses_batches_with_a_hint(tmp_path):
+    static = tmp_path / "static.onnx"
+    torch.onnx.export(models.load_trained_cnn(), (torch.zeros(1, 1, 8, 8),), static, dynamo=True, verbose=False)
+    predictor = Predictor.load(static)              # batch 1 works: it can be served without batching
+    predictor.warmup((1,))
+    with pytest.raises(ModelLoadError, match=r"fails on a batch of shape \(8, 1, 8, 8\).*--max-batch-size 1"):
+        predictor.warmup((1, 8))
+    result = subprocess.run([sys.executable, "-m", "course_utils.serving", "--model", str(static), "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--max-batch-size 1" in result.stderr
 
 
 def test_good_files_still_load(good_onnx):

@@ -93,6 +93,7 @@ def test_companions_travel_with_the_artifact_and_are_verified(tmp_path, artifact
 
 HOSTILE_VERSIONS = ["../escaped", "..", ".", "", "a/b", "a\\b", "/tmp/abs", "v1/../../x", "C:evil", "x" * 65,
                     "v1\x00", "v 1", "v1\n", "ve\u0301rsion", "-v1", ".hidden", "v1.", "v1..2", "registry.json",
+                    "Registry.JSON",
                     "NUL", "com1.txt", 3, None, ["v1"]]
 
 
@@ -110,6 +111,48 @@ def test_a_version_is_a_plain_name(tmp_path, artifact, version):
 @pytest.mark.parametrize("version", ["v1", "2026-12-01_rc.1", "a" * 64, "1"])
 def test_plain_names_are_accepted(version):
     assert check_version(version) == version
+
+
+def test_a_stray_file_is_never_deleted_and_metadata_must_be_json(tmp_path, artifact):
+    registry = ModelRegistry(tmp_path / "registry")
+    (tmp_path / "registry" / "README.md").write_text("notes")
+    with pytest.raises(RegistryError, match="is a file that is not the registry's"):
+        registry.register(artifact, "README.md")
+    assert (tmp_path / "registry" / "README.md").read_text() == "notes"
+    with pytest.raises(RegistryError, match="must be JSON"):
+        registry.register(artifact, "v1", {"accuracy": object()})
+    assert registry.versions() == [] and not (tmp_path / "registry" / "v1").exists()
+
+
+def test_files_are_readable_by_the_other_users_of_a_shared_registry(tmp_path, artifact):
+    import os
+    import stat
+
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.register(artifact, "v1")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(registry.index.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "registry" / "v1").stat().st_mode) == 0o777 & ~umask
+
+
+def test_onnx_external_data_travels_whatever_its_name(tmp_path):
+    import onnx
+    import torch
+
+    from course_utils import export
+
+    source = export.onnx_export(models.load_trained_cnn(), torch.zeros(2, 1, 8, 8), tmp_path / "inline.onnx")
+    external = tmp_path / "src" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(source)), str(external), save_as_external_data=True, location="model.onnx_data")
+    # (the weights over 1 KB go there; model.onnx_data is the name Hugging Face Optimum uses: not model.onnx.*)
+    registry = ModelRegistry(tmp_path / "registry")
+    assert list(registry.register(external, "v1")["companions"]) == ["model.onnx_data"]
+    assert registry.load("v1").kind == "onnx"
+    (external.parent / "model.onnx_data").unlink()
+    with pytest.raises(RegistryError, match="needs its external data file 'model.onnx_data'"):
+        registry.register(external, "v2")
 
 
 def test_versions_that_differ_only_in_case_are_refused(tmp_path, artifact):
@@ -249,6 +292,7 @@ CORRUPT_INDEXES = {
     "renamed entry": (_edit(lambda e: e.update(version="v2")), "recorded under the name 'v2'"),
     "two in production": (_edit(lambda e: e.update(stage="production")), "the history says"),
     "hostile version key": (lambda text: text.replace('"v1"', '"../v1"'), "invalid version '../v1'"),
+    "history of lists": (_edit(top={"versions": {}, "history": [[]]}), "the history must be a list of version names"),
     "history of an unknown version": (lambda text: text.replace('"history": [\n    "v2"', '"history": [\n    "v7"'),
                                       r"not registered: \['v7'\]"),
 }

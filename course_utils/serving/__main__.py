@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .service import ServiceConfig, configure_request_logging
+from .service import ServiceConfig, configure_request_logging, warmup_batches
 
 PROG = "python -m course_utils.serving"
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:   # before the port is bound or a worker starts: a broken model file is one line, exit 2
         spec = ModelSpec.load(config.spec_path) if config.spec_path else None
         if args.framework == "fastapi":   # the workers load it again; flask's one process loads it here
-            Predictor.load(config.model_path, device="cpu", spec=spec, threads=1)
+            Predictor.load(config.model_path, device=config.device, spec=spec, threads=1).warmup(
+                warmup_batches(config.max_batch_size))   # the same batches each worker's warm-up runs
         else:
             from .flask_app import create_app
 

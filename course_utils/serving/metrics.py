@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as _values
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -47,14 +47,14 @@ def multiprocess_metrics(workers: int) -> Iterator[str | None]:
     A directory the operator chose in ``$PROMETHEUS_MULTIPROC_DIR`` is used instead, emptied of old
     ``.db`` files first (values left by a previous run would be added to this one's) and kept.
     """
-    if workers <= 1:
+    chosen = os.environ.get(MULTIPROCESS_ENV)
+    if workers <= 1 and not chosen:
         yield None
         return
-    chosen = os.environ.get(MULTIPROCESS_ENV)
     folder = Path(chosen) if chosen else Path(tempfile.mkdtemp(prefix="course-serving-metrics-"))
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.db"):
-        old.unlink()
+    for old in folder.glob("*.db"):   # even with one worker: the mode is on whenever the variable is set
+        old.unlink(missing_ok=True)
     os.environ[MULTIPROCESS_ENV] = str(folder)
     try:
         yield str(folder)
@@ -79,8 +79,8 @@ def _forget_dead_workers(folder: str) -> None:
         pid = int(match.group(1))
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            mark_process_dead(pid, folder)
+        except ProcessLookupError:   # what prometheus_client's mark_process_dead does, safe for two scrapes at once
+            path.unlink(missing_ok=True)
         except PermissionError:
             pass   # alive, under another user
 

@@ -94,6 +94,7 @@ class Predictor:
         self.dtype = dtype
         self.spec = spec or ModelSpec()
         self.ready = False
+        self.source: Path | None = None   # the file it was loaded from (Predictor.load)
         self._probabilities: ArrayFn = _numpy_softmax(fn) if takes_arrays else _torch_softmax(fn, device, dtype)
 
     @property
@@ -108,7 +109,7 @@ class Predictor:
         ``spec`` defaults to the sidecar next to the file (``<file>.spec.json``), else the digits spec.
         ``threads``: ONNX Runtime's intra-op threads (torch models use torch's setting).
 
-        The model is run once on a blank batch of two: a file that cannot be served raises
+        The model is run once on a blank input: a file that cannot be served raises
         :class:`ModelLoadError` with one line naming the file, the format it was taken for and why
         (not a valid ONNX file, a state_dict that does not fit, an output that is not
         ``(batch, classes)``, a spec that disagrees with the model, a failed sha256 check).
@@ -127,7 +128,8 @@ class Predictor:
         digest = data.sha256_file(path)[:12]
         version = version or f"{path.stem}-{digest}"
         predictor = cls._open(path, device, version, spec, threads)
-        predictor.check(path)
+        predictor.source = path
+        predictor.check()
         return predictor
 
     @classmethod
@@ -196,19 +198,20 @@ class Predictor:
             raise ModelLoadError(path, kind, problem)
         return cls(models.load_trained_cnn(device=device, path=path), "eager", version, device, spec)
 
-    def check(self, path: str | Path | None = None) -> None:
-        """Run the model on a blank batch of two; a :class:`ModelLoadError` if it cannot serve its spec."""
-        where = Path(path) if path is not None else Path(self.version)
+    def check(self, batch: int = 1) -> None:
+        """Run the model on a blank batch; a :class:`ModelLoadError` if it cannot serve its spec."""
+        where = self.source or Path(self.version)
         kind = {"onnx": "an ONNX model", "exported": "a torch.export program", "aotinductor": "an AOTInductor package",
                 "torchscript": "a TorchScript archive", "eager": "a state_dict of the course's DigitsCNN"
                 }.get(self.kind, f"a {self.kind} model")
         shape = ", ".join(map(str, self.spec.input_shape))
-        blank = np.repeat(self.preprocess_array(self.spec.blank_image())[None], 2, axis=0)
+        blank = np.repeat(self.preprocess_array(self.spec.blank_image())[None], batch, axis=0)
         try:
             probabilities = self.predict_array(blank)
         except Exception as error:
-            raise ModelLoadError(where, kind, f"it fails on a batch of 2 inputs (2, {shape}), the shape its spec "
-                                              f"says ({_ort_reason(error)})") from None
+            static = " (exported with a fixed batch of 1? serve it with --max-batch-size 1)" if batch > 1 else ""
+            raise ModelLoadError(where, kind, f"it fails on a batch of shape ({batch}, {shape}), as its spec "
+                                              f"describes the input{static}: {_ort_reason(error)}") from None
         try:
             self.spec.check_outputs(probabilities.shape[1], "the model")
         except ValueError as error:
@@ -217,13 +220,12 @@ class Predictor:
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> float:
         """Run a few dummy batches (first calls pay for lazy initialisation); return seconds taken.
 
-        Also checks that the model has one output per label of its spec.
+        Each is a :meth:`check`: a model that fails one, or whose outputs do not fit its spec's
+        labels, raises :class:`ModelLoadError`.
         """
         start = time.perf_counter()
-        one = self.preprocess_array(self.spec.blank_image())
         for size in batch_sizes:
-            probabilities = self.predict_array(np.repeat(one[None], size, axis=0))
-        self.spec.check_outputs(probabilities.shape[1], f"model {self.version}")
+            self.check(batch=size)   # a ModelLoadError if the model cannot serve that batch
         self.ready = True
         return time.perf_counter() - start
 

@@ -67,6 +67,15 @@ def configure_request_logging(stream=None) -> logging.Handler:
     return handler
 
 
+def warmup_batches(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a service warms up (and so checks) its model with: 1, and a batch if it batches.
+
+    >>> warmup_batches(1), warmup_batches(32)
+    ((1,), (1, 8))
+    """
+    return (1,) if max_batch_size <= 1 else (1, min(8, max_batch_size))
+
+
 @dataclass
 class ServiceConfig:
     """Everything a deployment may want to change; every field has an environment variable."""
@@ -132,7 +141,7 @@ class InferenceService:
         self.predictor = predictor
         self.draining = False   # set on SIGTERM (lifecycle.install_drain): /ready answers 503 from then on
         self.metrics = ServiceMetrics(self.predictor.version, config.framework)
-        self.predictor.warmup()
+        self.predictor.warmup(warmup_batches(config.max_batch_size))
         self.batcher: DynamicBatcher | None = None
         if config.max_batch_size > 1:
             self.batcher = DynamicBatcher(self.predictor.predict_array, config.max_batch_size, config.max_wait_ms,

@@ -111,9 +111,9 @@ def _request(event: object) -> tuple[bytes, dict[str, Any]]:
         raise pre.RequestError(422, "missing_file", f"the request has no body: {SEND}")
     if not isinstance(body, str):
         raise pre.RequestError(400, "bad_request", f"the body is a JSON {_json_type(body)}: {SEND}")
-    if len(body) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
-        raise pre.RequestError(413, "payload_too_large", f"the upload is over {MAX_UPLOAD_BYTES:,} bytes, the limit")
+    _check_size(body)
     flag = event.get("isBase64Encoded")
+    text: str | None = None   # the body as text, when API Gateway did not base64-encode it
     if flag is True or (isinstance(flag, str) and flag.lower() == "true"):
         try:
             raw = base64.b64decode(body, validate=True)
@@ -121,6 +121,7 @@ def _request(event: object) -> tuple[bytes, dict[str, Any]]:
             raise pre.RequestError(400, "bad_encoding", "isBase64Encoded is true but the body is not valid "
                                                         "base64") from None
     else:
+        text = body
         try:
             raw = body.encode("latin-1")    # the bytes a binary body held, one per character
         except UnicodeEncodeError:
@@ -130,15 +131,23 @@ def _request(event: object) -> tuple[bytes, dict[str, Any]]:
                                f"the upload is {len(raw):,} bytes; the limit is {MAX_UPLOAD_BYTES:,}")
     content_type = str(_mapping(event.get("headers"), lower=True).get("content-type") or "")
     if content_type.startswith("application/json") or raw.lstrip()[:1] in (b"{", b"["):
-        try:
-            payload = json.loads(raw)
-        except ValueError as error:
-            raise pre.RequestError(400, "bad_json", f"the body is not valid JSON ({error}); {SEND}") from None
+        try:   # text is parsed as the text it is (re-encoding it would garble "café"); bytes as UTF-8
+            payload = json.loads(text if text is not None else raw)
+        except (ValueError, RecursionError) as error:   # RecursionError: JSON nested thousands deep
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+            raise pre.RequestError(400, "bad_json", f"the body is not valid JSON ({reason}); {SEND}") from None
         if not isinstance(payload, dict):
             raise pre.RequestError(400, "bad_request", f"the JSON body is a{'n' * (_json_type(payload) == 'array')} "
                                                        f"{_json_type(payload)}, not an object: {SEND}")
         return _json_image(payload), {**query, **payload}
     return raw, query
+
+
+def _check_size(encoded: str) -> None:
+    """413 before decoding a base64 text whose decoded bytes would be over the limit."""
+    if len(encoded) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        raise pre.RequestError(413, "payload_too_large", f"the upload is larger than the {MAX_UPLOAD_BYTES:,}-byte "
+                                                         f"limit")
 
 
 def _json_image(payload: dict[str, Any]) -> bytes:
@@ -147,6 +156,7 @@ def _json_image(payload: dict[str, Any]) -> bytes:
         raise pre.RequestError(422, "missing_file", f'the JSON body has no "image" field: {SEND}')
     if not isinstance(image, str):
         raise pre.RequestError(400, "bad_encoding", f'"image" must be a base64 string, not a {_json_type(image)}')
+    _check_size(image)
     try:
         return base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError):
@@ -158,7 +168,11 @@ def lambda_handler(event: object, context: object) -> dict[str, object]:
     try:
         raw, options = _request(event)
         top_k = pre.parse_top_k(options.get("top_k"))
-        x = pre.preprocess(pre.decode(raw))[None]
+        image = pre.decode(raw)
+        try:
+            x = pre.preprocess(image)[None]
+        except Exception as error:   # a mode Pillow cannot convert (CIELAB, ...): the service's 400
+            raise pre.RequestError(400, "unprocessable_image", f"the image could not be preprocessed: {error}") from None
     except pre.RequestError as error:
         return _error(error.status, error.code, error.message)
     except Exception:  # a bug of ours, not the caller's: logged, answered in the envelope, never a bare 502
@@ -166,9 +180,9 @@ def lambda_handler(event: object, context: object) -> dict[str, object]:
         return _error(500, "internal_error", pre.INTERNAL_ERROR_MESSAGE)
     try:
         logits = SESSION.run(None, {INPUT_NAME: x})[0][0]
+        return _response(200, {"success": True, "predictions": pre.encode(pre.softmax(logits), top_k),
+                               "model_version": MODEL_VERSION,
+                               "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
     except Exception:
         LOG.exception("inference failed")
         return _error(500, "internal_error", pre.INTERNAL_ERROR_MESSAGE)
-    return _response(200, {"success": True, "predictions": pre.encode(pre.softmax(logits), top_k),
-                           "model_version": MODEL_VERSION,
-                           "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
