@@ -85,12 +85,14 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 def reduced_precision(device: str | torch.device) -> torch.dtype | None:
-    """The 16-bit float type worth using for inference on ``device``, or None.
+    """The 16-bit float type that runs natively on ``device``, or None.
 
     ``float16`` on CUDA (tensor cores); ``bfloat16`` on a CPU whose oneDNN has native bf16
     kernels (AVX512-BF16 or AMX); ``None`` elsewhere, where bf16 would be emulated and slower
-    than float32. Remember to cast the *inputs* too: a half-precision model fed float32
-    tensors fails on CUDA (the chapter's ``ProductionModel`` bug).
+    than float32. Native is not the same as faster for *your* model: on a tiny model the
+    conversions can cost more than they save (lesson 03 times it). Remember to cast the *inputs*
+    too: a half-precision model fed float32 tensors fails on CUDA (the chapter's ``ProductionModel``
+    bug).
 
     >>> reduced_precision("cuda")
     torch.float16

@@ -88,8 +88,10 @@ def parse_prometheus(text: str) -> pd.DataFrame:
 def metric_sum(samples: pd.DataFrame, name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels``."""
     rows = samples[samples.name == name]
-    mask = rows["labels"].map(lambda have: all(have.get(k) == v for k, v in labels.items()))
-    return float(rows[mask]["value"].sum())
+    if rows.empty:   # no such series yet (a counter whose labels were never seen): 0, not a KeyError
+        return 0.0
+    mask = rows["labels"].map(lambda have: all(have.get(k) == v for k, v in labels.items())).astype(bool)
+    return float(rows.loc[mask, "value"].sum())
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float:

@@ -236,3 +236,77 @@ def test_a_chosen_metrics_directory_is_emptied_even_for_one_worker(tmp_path, mon
     with multiprocess_metrics(2) as fresh:
         assert fresh is not None and Path(fresh).is_dir()
     assert not Path(fresh).exists(), "a directory the CLI made is removed at exit"
+
+
+# ----------------------------------------------------------------------------- overload: shed, do not queue forever
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_burst_past_the_queue_is_shed_with_503_and_retry_after_and_the_service_recovers(framework):
+    import numpy as np
+
+    from course_utils.serving import Predictor, ServiceConfig, serve_asgi_in_thread, serve_wsgi_in_thread
+
+    def slow_model(x: np.ndarray) -> np.ndarray:   # 150 ms per model call, whatever the batch
+        time.sleep(0.15)
+        return np.zeros((len(x), 10), dtype=np.float32)
+
+    predictor = Predictor(slow_model, "slow", "slow-v1", takes_arrays=True)
+    config = ServiceConfig(max_batch_size=2, max_queue=2, framework=framework)
+    if framework == "fastapi":
+        from course_utils.serving.fastapi_app import create_app
+        serving = serve_asgi_in_thread(create_app(config, predictor=predictor))
+    else:
+        from course_utils.serving.flask_app import create_app
+        serving = serve_wsgi_in_thread(create_app(config, predictor=predictor))
+    raw, content_type, _ = PAYLOADS[0]
+    with serving as server:
+        def one(_: int) -> requests.Response:
+            return requests.post(server.url + "/predict", files={"file": ("d", raw, content_type)}, timeout=30)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16)))
+        shed = [a for a in answers if a.status_code == 503]
+        after = one(0)
+        metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert {a.status_code for a in answers} <= {200, 503}, [a.status_code for a in answers]
+    assert shed and len(shed) < 16, "a burst past the queue is partly shed, partly served"
+    assert all(a.headers["Retry-After"] == "1" and a.json()["error"]["code"] == "overloaded" for a in shed)
+    assert "at capacity" in shed[0].json()["error"]["message"]
+    assert after.status_code == 200, "once the burst is over the service answers again"
+    assert f'status="503"}} {float(len(shed))}' in metrics
+
+
+def test_the_batcher_admits_all_of_a_request_or_none():
+    import numpy as np
+
+    from course_utils.serving.batching import BatcherFull, DynamicBatcher
+
+    release = threading.Event()
+    batcher = DynamicBatcher(lambda x: (release.wait(5), x)[1], max_batch_size=1, max_queue=3)
+    try:
+        first = batcher.submit(np.zeros(1))       # taken by the worker, which then blocks
+        time.sleep(0.1)
+        batcher.submit_all([np.zeros(1)] * 3)     # fills the queue exactly
+        with pytest.raises(BatcherFull, match="3 inputs waiting for the model, at most 3"):
+            batcher.submit(np.zeros(1))
+        assert batcher.waiting == 3, "a refused request queued nothing"
+        release.set()
+        first.result(timeout=5)
+    finally:
+        release.set()
+        batcher.close()
+    with pytest.raises(ValueError, match="max_queue"):
+        DynamicBatcher(lambda x: x, max_queue=-1)
+
+
+def test_the_client_waits_as_long_as_retry_after_says():
+    from course_utils.serving.client import _retry_after
+
+    class Answer:
+        def __init__(self, value):
+            self.headers = {} if value is None else {"Retry-After": value}
+
+    assert [_retry_after(Answer(v)) for v in ("2", "0.5", None, "Wed, 21 Oct 2026 07:28:00 GMT", "999", "-3")] == \
+        [2.0, 0.5, 0.0, 0.0, 30.0, 0.0]

@@ -41,6 +41,10 @@ def test_prometheus_parsing_and_histogram_quantiles():
     samples = monitoring.parse_prometheus(metrics.render().decode())
     assert monitoring.metric_sum(samples, "inference_requests_total", endpoint="/predict") == 101
     assert monitoring.metric_sum(samples, "inference_requests_total", status="400") == 1
+    assert monitoring.metric_sum(samples, "inference_requests_total", status="503") == 0
+    fresh = monitoring.parse_prometheus(ServiceMetrics("v1", "fastapi").render().decode())
+    assert monitoring.metric_sum(fresh, "inference_requests_total", endpoint="/predict") == 0, \
+        "a worker that has not answered /predict yet has no such series: 0, not an error"
     buckets = monitoring.histogram_buckets(samples, "inference_request_latency_seconds", endpoint="/predict")
     assert buckets[math.inf] == 101
     assert 0.001 <= monitoring.histogram_quantile(0.5, buckets) <= 0.0025

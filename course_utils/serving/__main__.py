@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dynamic batching: most requests per model call (1 turns batching off)")
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                         help="dynamic batching: longest wait for more requests after the first")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="dynamic batching: inputs that may wait for the model; past it requests get 503 with "
+                             "Retry-After (default 256, 0 = no cap)")
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes (fastapi) or waitress threads (flask, default 8)")
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.workers < 1:
         parser.error("--max-batch-size and --workers must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
+    if args.max_queue < 0:
+        parser.error(f"--max-queue must be >= 0 (0 = no cap), got {args.max_queue}")
     if args.drain_seconds < 0 or args.grace_seconds <= 0:
         parser.error("--drain-seconds must be >= 0 and --grace-seconds > 0")
     if args.threads is not None and args.threads < 1:
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServiceConfig.from_env(threads=threads, model_path=args.model, spec_path=args.spec, api_key=args.api_key,
                                     device=args.device,
                                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                                    max_queue=args.max_queue,
                                     max_upload_bytes=int(args.max_upload_mb * 2**20), framework=args.framework,
                                     drain_s=args.drain_seconds, grace_s=args.grace_seconds)
     os.environ.update(config.to_env())  # worker processes rebuild the config from the environment

@@ -1,11 +1,15 @@
 """Dynamic batching: gather concurrent requests into one model call.
 
-A model call costs almost the same for 1 image as for 32 on a small model (lesson 00), so a
-service under concurrent load wastes most of its time on per-call overhead. The batcher puts
+On a small model a call with 32 images costs only a few times a call with one (lesson 00), so
+a service under concurrent load wastes most of its time on per-call overhead. The batcher puts
 each request's tensor in a queue; one worker thread takes up to ``max_batch_size`` of them,
 waiting at most ``max_wait_ms`` after the first for others to arrive, runs the model **once**,
 and hands each caller its own row through a ``concurrent.futures.Future`` (which threads can
 wait on and asyncio can await).
+
+The queue is bounded (``max_queue``): past it, :meth:`submit_all` raises :class:`BatcherFull`
+at once, so an overloaded service refuses work it could not finish in time (a 503 with
+``Retry-After``) instead of queueing it until every caller times out.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import numpy as np
 _STOP = object()
 
 
+class BatcherFull(RuntimeError):
+    """The queue holds ``max_queue`` inputs already: the caller should shed the request."""
+
+
 class DynamicBatcher:
     """Run ``predict(batch) -> rows`` on batches gathered from concurrent :meth:`submit` calls.
 
@@ -34,7 +42,8 @@ class DynamicBatcher:
     """
 
     def __init__(self, predict: Callable[[Any], Any], max_batch_size: int = 32,
-                 max_wait_ms: float = 2.0, on_batch: Callable[[int], None] | None = None) -> None:
+                 max_wait_ms: float = 2.0, on_batch: Callable[[int], None] | None = None,
+                 max_queue: int = 0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -43,6 +52,10 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (0: unbounded), got {max_queue}")
+        self.max_queue = max_queue
+        self._admit = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dynamic-batcher", daemon=True)
@@ -50,11 +63,27 @@ class DynamicBatcher:
 
     def submit(self, item: Any) -> Future:
         """Queue one input (no batch dimension); the future resolves to its output row."""
+        return self.submit_all([item])[0]
+
+    def submit_all(self, items: list[Any]) -> list[Future]:
+        """Queue inputs together, or none of them (:class:`BatcherFull` when they do not fit)."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
-        future: Future = Future()
-        self._queue.put((item, future))
-        return future
+        with self._admit:
+            waiting = self._queue.qsize()
+            if self.max_queue and waiting + len(items) > self.max_queue:
+                raise BatcherFull(f"{waiting} inputs waiting for the model, at most {self.max_queue}")
+            futures: list[Future] = []
+            for item in items:
+                future: Future = Future()
+                self._queue.put((item, future))
+                futures.append(future)
+        return futures
+
+    @property
+    def waiting(self) -> int:
+        """Inputs queued and not yet taken into a batch."""
+        return self._queue.qsize()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after the requests already queued."""

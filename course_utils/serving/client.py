@@ -29,7 +29,8 @@ def post_image(url: str, raw: bytes, content_type: str = "image/png", *, retries
     """POST ``raw`` to ``url`` (``.../predict``); returns (the last response, the number of retries).
 
     Connection errors and 502/503/504 are retried up to ``retries`` times, after
-    ``backoff_s * 2**attempt`` seconds (+ up to 50% jitter); 4xx answers are never retried.
+    ``backoff_s * 2**attempt`` seconds (+ up to 50% jitter), or after the server's ``Retry-After``
+    when it sends one (capped at 30 s); 4xx answers are never retried.
     The last connection error is raised if every attempt failed.
     """
     headers = {REQUEST_ID_HEADER: uuid.uuid4().hex}
@@ -37,13 +38,24 @@ def post_image(url: str, raw: bytes, content_type: str = "image/png", *, retries
         headers[API_KEY_HEADER] = api_key
     http = session or requests
     for attempt in range(retries + 1):
+        wait = backoff_s * 2**attempt * (1 + random.random() / 2)
         try:
             response = http.post(url, files={"file": ("upload", raw, content_type)}, headers=headers,
                                  params=params, timeout=timeout)
             if response.status_code not in RETRY_STATUSES or attempt == retries:
                 return response, attempt
+            wait = max(wait, _retry_after(response))
         except requests.ConnectionError:
             if attempt == retries:
                 raise
-        time.sleep(backoff_s * 2**attempt * (1 + random.random() / 2))
+        time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _retry_after(response: requests.Response, cap_s: float = 30.0) -> float:
+    """The server's ``Retry-After`` in seconds (the delay form), or 0 when it sent none."""
+    value = response.headers.get("Retry-After", "")
+    try:
+        return min(max(float(value), 0.0), cap_s)
+    except ValueError:   # absent, or an HTTP date (not sent by the course's service)
+        return 0.0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 API_KEY_HEADER = "X-API-Key"
@@ -39,6 +39,8 @@ class ServingError(Exception):
     status: int
     code: str
     message: str
+    #: Extra response headers (``Retry-After`` on a 503).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -64,6 +66,12 @@ def payload_too_large(limit_bytes: int, size: int | None = None) -> ServingError
     if size is None:
         return ServingError(413, "payload_too_large", f"the upload is larger than the {limit_bytes:,}-byte limit")
     return ServingError(413, "payload_too_large", f"the upload is {size:,} bytes; the limit is {limit_bytes:,}")
+
+
+def overloaded(waiting: str, retry_after_s: int = 1) -> ServingError:
+    """503 for a request shed under overload; ``Retry-After`` tells clients when to come back."""
+    return ServingError(503, "overloaded", f"the service is at capacity ({waiting}); retry in {retry_after_s} s",
+                        headers={"Retry-After": str(retry_after_s)})
 
 
 def missing_file() -> ServingError:

@@ -204,7 +204,9 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
         record = getattr(request.state, "record", None)
         if record is not None:
             record.error_code = error.code
-        return error_response(request.url.path, error.status, error.code, error.message)
+        response = error_response(request.url.path, error.status, error.code, error.message)
+        response.headers.update(error.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -69,7 +69,8 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
     def serving_error(error: ServingError):
         if "record" in g:
             g.record.error_code = error.code
-        return error_json(error.status, error.code, error.message)
+        body, status = error_json(error.status, error.code, error.message)
+        return body, status, error.headers
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_error):

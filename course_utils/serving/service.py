@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from . import v2
-from .batching import DynamicBatcher
-from .contract import API_KEY_HEADER, ServingError, payload_too_large, request_id
+from .batching import BatcherFull, DynamicBatcher
+from .contract import API_KEY_HEADER, ServingError, overloaded, payload_too_large, request_id
 from .images import DEFAULT_MAX_PIXELS, check_content_type
 from .metrics import ServiceMetrics, endpoint_label
 from .predictor import Predictor
@@ -88,6 +88,7 @@ class ServiceConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS   # COURSE_SERVE_MAX_PIXELS
     max_batch_size: int = 32               # COURSE_SERVE_MAX_BATCH_SIZE (1 = no batching)
     max_wait_ms: float = 0.0               # COURSE_SERVE_MAX_WAIT_MS (0 = greedy: take what is queued)
+    max_queue: int = 256                   # COURSE_SERVE_MAX_QUEUE: inputs waiting for the model; past it 503 (0 = no cap)
     default_top_k: int = 0                 # COURSE_SERVE_DEFAULT_TOP_K (0 = the model spec's: digits 3, ImageNet 5)
     request_timeout_s: float = 30.0        # COURSE_SERVE_REQUEST_TIMEOUT_S
     model_version: str | None = None       # COURSE_SERVE_MODEL_VERSION (default: file name + sha256)
@@ -145,7 +146,7 @@ class InferenceService:
         self.batcher: DynamicBatcher | None = None
         if config.max_batch_size > 1:
             self.batcher = DynamicBatcher(self.predictor.predict_array, config.max_batch_size, config.max_wait_ms,
-                                          on_batch=self.metrics.batch_size.observe)
+                                          on_batch=self.metrics.batch_size.observe, max_queue=config.max_queue)
 
     # ------------------------------------------------------------------ checks
     @property
@@ -202,14 +203,21 @@ class InferenceService:
         """Probabilities for a batch, blocking, through the batcher when there is one."""
         if self.batcher is None:
             return self.predictor.predict_array(x)
-        futures = [self.batcher.submit(row) for row in x]
+        futures = self._submit(x)
         return np.stack([future.result(timeout=self.config.request_timeout_s) for future in futures])
+
+    def _submit(self, x: np.ndarray) -> list[Any]:
+        assert self.batcher is not None
+        try:
+            return self.batcher.submit_all(list(x))
+        except BatcherFull as error:   # shed now rather than queue work that would time out anyway
+            raise overloaded(str(error)) from None
 
     async def _run_async(self, x: np.ndarray) -> np.ndarray:
         """The same without blocking the event loop."""
         if self.batcher is None:
             return await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict_array, x)
-        futures = [asyncio.wrap_future(self.batcher.submit(row)) for row in x]
+        futures = [asyncio.wrap_future(future) for future in self._submit(x)]
         return np.stack(await asyncio.wait_for(asyncio.gather(*futures), self.config.request_timeout_s))
 
     def predict(self, raw: bytes, content_type: str | None, top_k: int,
@@ -281,7 +289,8 @@ class InferenceService:
         body: dict[str, object] = {"status": status, "model_version": self.predictor.version,
                 "model_kind": self.predictor.kind, "device": str(self.predictor.device),
                 "model_spec": self.predictor.spec.name, "classes": len(self.predictor.labels),
-                "batching": {"max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms},
+                "batching": {"max_batch_size": self.config.max_batch_size, "max_wait_ms": self.config.max_wait_ms,
+                             "max_queue": self.config.max_queue},
                 "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels},
                 "auth": self.auth_enabled}
         return (200 if ready else 503), body
