@@ -90,7 +90,7 @@ def reduced_precision(device: str | torch.device) -> torch.dtype | None:
     ``float16`` on CUDA (tensor cores); ``bfloat16`` on a CPU whose oneDNN has native bf16
     kernels (AVX512-BF16 or AMX); ``None`` elsewhere, where bf16 would be emulated and slower
     than float32. Native is not the same as faster for *your* model: on a tiny model the
-    conversions can cost more than they save (lesson 03 times it). Remember to cast the *inputs*
+    conversions can cost more than they save (lesson 03 times it on a CPU that has bf16). Remember to cast the *inputs*
     too: a half-precision model fed float32 tensors fails on CUDA (the chapter's ``ProductionModel``
     bug).
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .ort import check_providers, ort_providers, ort_session  # noqa: F401  (torch-free, used by the service)
+from .ort import check_providers, onnx_graph_tensors, ort_providers, ort_session  # noqa: F401  (torch-free)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,18 +72,6 @@ def assert_same_outputs(reference: Callable[..., Any], candidate: Callable[..., 
 
 # ---------------------------------------------------------------- ONNX and ONNX Runtime
 
-def _graph_tensors(graph: Any) -> Iterable[Any]:
-    """Every TensorProto in an ONNX graph: initializers, Constant values, and those of subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _graph_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _graph_tensors(subgraph)
 
 
 def onnx_files(path: str | Path) -> list[Path]:
@@ -94,7 +82,7 @@ def onnx_files(path: str | Path) -> list[Path]:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     sidecars = {path.parent / next(e.value for e in tensor.external_data if e.key == "location")
-                for tensor in _graph_tensors(model.graph) if uses_external_data(tensor)}
+                for tensor in onnx_graph_tensors(model.graph) if uses_external_data(tensor)}
     return [path, *sorted(sidecars)]
 
 

@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def onnx_graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto in an ONNX graph: initializers, Constant values, and those of subgraphs (If, Loop)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from onnx_graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from onnx_graph_tensors(subgraph)
 
 
 def default_threads() -> int:

@@ -176,7 +176,7 @@ class CanaryRouter:
 
 def run_checklist(model_path: str | Path, service_url: str, api_key: str | None = None,
                   drift_detector: Any = None, measured_latency: dict[str, float] | None = None,
-                  latency_requests: int = 30) -> pd.DataFrame:
+                  latency_requests: int = 100) -> pd.DataFrame:
     """Check the chapter's best-practice items against a model artifact and a running service.
 
     Latency is measured here, on the service itself: ``latency_requests`` sequential uploads, timed
@@ -230,7 +230,7 @@ def run_checklist(model_path: str | Path, service_url: str, api_key: str | None 
                 f"{latency_requests} requests to POST /predict" if timings else "no requests sent")
     if measured_latency:
         evidence += " | given: " + json.dumps({k: round(v, 2) for k, v in measured_latency.items()})
-    item("latency measured", latency_requests >= 20 and statuses == {200}, evidence)
+    item("latency measured", latency_requests >= 100 and statuses == {200}, evidence)   # 100: a p99 is not a max
     limit = info.get("limits", {}).get("max_upload_bytes")
     if limit:
         huge = requests.post(service_url + "/predict", files={"file": ("big.png", b"0" * (limit + 2**20), "image/png")},

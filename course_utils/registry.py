@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from .data import sha256_file
+from .ort import onnx_graph_tensors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -131,20 +132,6 @@ def companions(artifact: Path) -> list[Path]:
     return sorted(found)
 
 
-def _onnx_tensors(graph: Any) -> Iterator[Any]:
-    """Every tensor of an ONNX graph: initializers and node attributes, subgraphs (If, Loop) included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _onnx_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _onnx_tensors(subgraph)
-
-
 def _onnx_external_files(model: Path) -> set[str]:
     """The external-data locations an ONNX file names (``model.onnx_data``, ``weights.bin``, ...)."""
     import onnx
@@ -154,7 +141,7 @@ def _onnx_external_files(model: Path) -> set[str]:
     except Exception:   # not ONNX at all: promote's load check says so in one line
         return set()
     names = set()
-    for tensor in _onnx_tensors(proto.graph):
+    for tensor in onnx_graph_tensors(proto.graph):
         for entry in tensor.external_data:
             if entry.key == "location":
                 names.add(entry.value)
@@ -368,16 +355,24 @@ class ModelRegistry:
 
     def rollback(self, check: bool = True, device: Any = None) -> dict[str, Any]:
         """Return production to the version promoted before the current one (checked first, as promote does)."""
-        for _ in range(5):   # another process may change the history while the candidate is being checked
+        checked: set[str] = set()   # versions that passed the load check during this call
+        deadline = time.monotonic() + self.lock_timeout
+        while True:   # another process may change the history while a candidate is being checked
             history = self.history()
             if len(history) < 2:
                 raise RegistryError("no previous version to roll back to: promote at least two versions first")
-            if check:
-                self.load(history[-2], device=device)
+            if check and history[-2] not in checked:
+                self.load(history[-2], device=device)   # outside the lock: loading a model takes time
+                checked.add(history[-2])
             with self._locked():
                 state = self._load()
-                if state["history"][-2:] != history[-2:]:
-                    continue
+                if len(state["history"]) < 2:
+                    raise RegistryError("no previous version to roll back to: promote at least two versions first")
+                if check and state["history"][-2] not in checked:
+                    if time.monotonic() > deadline:
+                        raise RegistryBusyError("registry busy: the history kept changing during the rollback; "
+                                                "try again")
+                    continue   # the candidate changed meanwhile: check that one first
                 current = state["history"].pop()
                 previous = state["history"][-1]
                 state["versions"][current]["stage"] = "archived"
@@ -385,7 +380,6 @@ class ModelRegistry:
                 self._save(state)
             LOG.warning("rolled back from %s to %s", current, previous)
             return state["versions"][previous]
-        raise RegistryBusyError("registry busy: the history kept changing during the rollback; try again")
 
     def load(self, version: str | None = None, **options: Any) -> Predictor:
         """``version`` (default: production) as a checked :class:`~course_utils.serving.Predictor`.

@@ -35,6 +35,17 @@ def uvicorn_workers(parent) -> list:
     return alive
 
 
+def wait_for_workers(server, count: int, timeout: float = 30.0):
+    """Wait until ``server`` (a uvicorn supervisor) has ``count`` live workers; return a function listing them."""
+    import psutil
+
+    parent = psutil.Process(server.process.pid)
+    deadline = time.monotonic() + timeout
+    while len(uvicorn_workers(parent)) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return lambda: uvicorn_workers(parent)
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_300_slow_clients_do_not_take_the_service_offline(framework):
     with serve_in_background(framework) as server:
@@ -92,21 +103,12 @@ def test_sigterm_finishes_every_accepted_request_and_exits_in_bounded_time(frame
 def test_a_killed_worker_costs_nothing_to_a_client_that_retries():
     import os
 
-    import psutil
-
     from course_utils.serving.client import post_image
 
     with serve_in_background("fastapi", args=["--workers", "2"]) as server:
-        parent = psutil.Process(server.process.pid)
-
-        def workers() -> list[psutil.Process]:
-            return uvicorn_workers(parent)
-
-        deadline = time.monotonic() + 30
-        while len(workers()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        workers = wait_for_workers(server, 2)
         first = workers()
-        assert len(first) == 2, [c.cmdline() for c in parent.children()]
+        assert len(first) == 2, [c.cmdline() for c in first]
         outcomes: list[tuple[bool, int]] = []
         lock = threading.Lock()
         stop = time.monotonic() + 4.0
@@ -170,20 +172,12 @@ def _predict_counts(server) -> tuple[dict[str, float], float]:
 def test_every_scrape_of_two_workers_reports_every_request_even_after_a_worker_is_killed():
     import os
 
-    import psutil
 
     raw, content_type, _ = PAYLOADS[3]
     outcomes = {"200": (raw, {"X-API-Key": "k"}), "400": (b"not an image", {"X-API-Key": "k"}),
                 "413": (b"\0" * 20_000, {"X-API-Key": "k"}), "401": (raw, {})}
     with serve_in_background("fastapi", args=["--workers", "2", "--api-key", "k", "--max-upload-mb", "0.01"]) as server:
-        parent = psutil.Process(server.process.pid)
-
-        def workers() -> list[psutil.Process]:
-            return uvicorn_workers(parent)
-
-        deadline = time.monotonic() + 30
-        while len(workers()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        workers = wait_for_workers(server, 2)
         sent = {"200": 40, "400": 10, "413": 5, "401": 5}
         for status, times in sent.items():
             body, headers = outcomes[status]
@@ -283,11 +277,11 @@ def test_the_batcher_admits_all_of_a_request_or_none():
 
     from course_utils.serving.batching import BatcherFull, DynamicBatcher
 
-    release = threading.Event()
-    batcher = DynamicBatcher(lambda x: (release.wait(5), x)[1], max_batch_size=1, max_queue=3)
+    release, taken = threading.Event(), threading.Event()
+    batcher = DynamicBatcher(lambda x: (taken.set(), release.wait(5), x)[2], max_batch_size=1, max_queue=3)
     try:
         first = batcher.submit(np.zeros(1))       # taken by the worker, which then blocks
-        time.sleep(0.1)
+        assert taken.wait(5)
         batcher.submit_all([np.zeros(1)] * 3)     # fills the queue exactly
         with pytest.raises(BatcherFull, match="3 inputs waiting for the model, at most 3"):
             batcher.submit(np.zeros(1))
@@ -299,6 +293,13 @@ def test_the_batcher_admits_all_of_a_request_or_none():
         batcher.close()
     with pytest.raises(ValueError, match="max_queue"):
         DynamicBatcher(lambda x: x, max_queue=-1)
+    roomy = DynamicBatcher(lambda x: x, max_batch_size=8, max_queue=2)
+    try:   # a request larger than the whole queue is served when the queue is empty, not refused forever
+        assert len([f.result(timeout=5) for f in roomy.submit_all([np.zeros(1)] * 5)]) == 5
+    finally:
+        roomy.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        roomy.submit(np.zeros(1))
 
 
 def test_the_client_waits_as_long_as_retry_after_says():
@@ -308,5 +309,23 @@ def test_the_client_waits_as_long_as_retry_after_says():
         def __init__(self, value):
             self.headers = {} if value is None else {"Retry-After": value}
 
-    assert [_retry_after(Answer(v)) for v in ("2", "0.5", None, "Wed, 21 Oct 2026 07:28:00 GMT", "999", "-3")] == \
-        [2.0, 0.5, 0.0, 0.0, 30.0, 0.0]
+    assert [_retry_after(Answer(v)) for v in ("2", "0.5", None, "Wed, 21 Oct 2026 07:28:00 GMT", "999", "-3", "nan",
+                                              "inf")] == [2.0, 0.5, 0.0, 0.0, 30.0, 0.0, 0.0, 0.0]
+
+
+def test_an_answer_cut_off_by_a_dying_worker_is_retried():
+    from course_utils.serving.client import post_image
+
+    class Flaky:   # the first answer breaks off mid-body, as when a worker is SIGKILLed while it writes
+        calls = 0
+
+        def post(self, *args, **kwargs):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+            answer = requests.Response()
+            answer.status_code = 200
+            return answer
+
+    answer, retried = post_image("http://127.0.0.1:9/predict", b"png", session=Flaky(), backoff_s=0.001)
+    assert answer.status_code == 200 and retried == 1

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dynamic batching: longest wait for more requests after the first")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="dynamic batching: inputs that may wait for the model; past it requests get 503 with "
-                             "Retry-After (default 256, 0 = no cap)")
+                             "Retry-After (default 256, 0 = no cap; without batching the server's threads bound it)")
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20)
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes (fastapi) or waitress threads (flask, default 8)")

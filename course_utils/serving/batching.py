@@ -67,11 +67,12 @@ class DynamicBatcher:
 
     def submit_all(self, items: list[Any]) -> list[Future]:
         """Queue inputs together, or none of them (:class:`BatcherFull` when they do not fit)."""
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
-        with self._admit:
+        with self._admit:   # one lock for admission and close: nothing is queued behind the stop mark
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
             waiting = self._queue.qsize()
-            if self.max_queue and waiting + len(items) > self.max_queue:
+            # a request larger than the whole queue is admitted when the queue is empty, never refused forever
+            if self.max_queue and waiting + len(items) > self.max_queue and waiting > 0:
                 raise BatcherFull(f"{waiting} inputs waiting for the model, at most {self.max_queue}")
             futures: list[Future] = []
             for item in items:
@@ -81,16 +82,23 @@ class DynamicBatcher:
         return futures
 
     @property
+    def full(self) -> bool:
+        """Whether a new request would be refused now (checked before decoding an upload)."""
+        return bool(self.max_queue) and self._queue.qsize() >= self.max_queue
+
+    @property
     def waiting(self) -> int:
         """Inputs queued and not yet taken into a batch."""
         return self._queue.qsize()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after the requests already queued."""
-        if not self._closed:
+        with self._admit:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put(_STOP)
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def _gather(self, first) -> tuple[list, bool]:
         items, stop = [first], False

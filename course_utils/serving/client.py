@@ -10,6 +10,7 @@ Never retry what is not idempotent (a payment, a write) without an idempotency k
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import uuid
@@ -28,7 +29,8 @@ def post_image(url: str, raw: bytes, content_type: str = "image/png", *, retries
                session: requests.Session | None = None) -> tuple[requests.Response, int]:
     """POST ``raw`` to ``url`` (``.../predict``); returns (the last response, the number of retries).
 
-    Connection errors and 502/503/504 are retried up to ``retries`` times, after
+    Connection errors (refused, reset, or an answer cut off by a dying worker) and 502/503/504 are
+    retried up to ``retries`` times, after
     ``backoff_s * 2**attempt`` seconds (+ up to 50% jitter), or after the server's ``Retry-After``
     when it sends one (capped at 30 s); 4xx answers are never retried.
     The last connection error is raised if every attempt failed.
@@ -44,8 +46,11 @@ def post_image(url: str, raw: bytes, content_type: str = "image/png", *, retries
                                  params=params, timeout=timeout)
             if response.status_code not in RETRY_STATUSES or attempt == retries:
                 return response, attempt
-            wait = max(wait, _retry_after(response))
-        except requests.ConnectionError:
+            told = _retry_after(response)
+            if told:   # the server said when; a little jitter so that shed clients do not return in lockstep
+                wait = max(wait, told * (1 + random.random() / 4))
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            # refused, reset, or an answer cut off by a dying worker: nothing was delivered, /predict is idempotent
             if attempt == retries:
                 raise
         time.sleep(wait)
@@ -56,6 +61,7 @@ def _retry_after(response: requests.Response, cap_s: float = 30.0) -> float:
     """The server's ``Retry-After`` in seconds (the delay form), or 0 when it sent none."""
     value = response.headers.get("Retry-After", "")
     try:
-        return min(max(float(value), 0.0), cap_s)
+        seconds = float(value)
     except ValueError:   # absent, or an HTTP date (not sent by the course's service)
         return 0.0
+    return min(max(seconds, 0.0), cap_s) if math.isfinite(seconds) else 0.0

@@ -67,6 +67,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "des
     413: "upload or image too large",
     415: "not an image type we accept",
     422: "bad parameters (top_k) or no file field",
+    503: "overloaded: too many requests wait for the model; retry after the Retry-After header's seconds",
 }.items()}
 #: Most bytes read and thrown away after a too-large body, so that the client reads the 413 (see below).
 DRAIN_LIMIT = 64 * 2**20

@@ -206,6 +206,11 @@ class InferenceService:
         futures = self._submit(x)
         return np.stack([future.result(timeout=self.config.request_timeout_s) for future in futures])
 
+    def _shed_if_full(self) -> None:
+        """503 before any decoding when the queue is already full: shedding must be cheap."""
+        if self.batcher is not None and self.batcher.full:
+            raise overloaded(f"{self.batcher.waiting} inputs waiting for the model, at most {self.batcher.max_queue}")
+
     def _submit(self, x: np.ndarray) -> list[Any]:
         assert self.batcher is not None
         try:
@@ -224,6 +229,7 @@ class InferenceService:
                 record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole request, blocking: for threaded servers (Flask under waitress)."""
         started = time.perf_counter()
+        self._shed_if_full()
         x = self.prepare(raw, content_type)
         return self._answer(self._run(x[None])[0], top_k, started, record)
 
@@ -231,6 +237,7 @@ class InferenceService:
                             record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole request without blocking the event loop: for FastAPI."""
         started = time.perf_counter()
+        self._shed_if_full()
         x = await asyncio.get_running_loop().run_in_executor(None, self.prepare, raw, content_type)  # decode in a thread
         return self._answer((await self._run_async(x[None]))[0], top_k, started, record)
 
