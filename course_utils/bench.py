@@ -31,6 +31,10 @@ import torch
 from torch import nn
 
 
+MIN_RUNS = 20
+"""The fewest timed calls a quoted median comes from: with fewer, one slow call moves it."""
+
+
 @dataclass(frozen=True)
 class LatencyStats:
     """Per-call latency samples (milliseconds) at one batch size, and what follows from them."""
@@ -177,6 +181,101 @@ def measure_interleaved(models: Mapping[str, Callable[..., Any]], inputs: Any | 
                 samples[name][i] = (time.perf_counter() - start) * 1000.0
     return {name: LatencyStats(samples_ms=values, batch_size=_batch_size(arguments[name]))
             for name, values in samples.items()}
+
+
+def latency_table(columns: Mapping[str, Mapping[str, LatencyStats]], baseline: str | None = None,
+                  throughput: bool = False) -> pd.DataFrame:
+    """One row per variant: ``p50_ms <label>`` and ``speedup <label>`` for each measured batch.
+
+    ``columns`` maps a label (``"b1"``, ``"b32"``; ``""`` for plain ``p50_ms``/``speedup``) to the
+    result of :func:`measure_interleaved` at that batch. ``speedup`` is the baseline's median over each row's (baseline: the first
+    variant). ``throughput=True`` adds ``items/s <label>``. Refuses a median from fewer than
+    :data:`MIN_RUNS` calls, so no table quotes a number that one slow call could move.
+
+    >>> stats = LatencyStats(np.full(20, 2.0), 1)
+    >>> latency_table({"b1": {"a": stats, "b": LatencyStats(np.full(20, 1.0), 1)}})["speedup b1"].tolist()
+    [1.0, 2.0]
+    """
+    if not columns or not all(columns.values()):
+        raise ValueError("nothing to tabulate: give at least one batch label with at least one variant")
+    table = pd.DataFrame()
+    for label, results in columns.items():
+        for name, stats in results.items():
+            if len(stats.samples_ms) < MIN_RUNS:
+                raise ValueError(f"the median of {name!r} at {label} comes from {len(stats.samples_ms)} calls: "
+                                 f"time at least {MIN_RUNS} (with fewer, one slow call moves it)")
+        base = baseline if baseline is not None else next(iter(results))
+        if base not in results:
+            raise KeyError(f"baseline {base!r} is not one of {list(results)} (at {label})")
+        medians = pd.Series({name: stats.p50_ms for name, stats in results.items()})
+        table = table.reindex(table.index.union(medians.index, sort=False))
+        table[_column("p50_ms", label)] = medians
+        if throughput:
+            table[_column("items/s", label)] = pd.Series({name: stats.throughput for name, stats in results.items()})
+        table[_column("speedup", label)] = medians[base] / medians
+    table = table[[_column(prefix, label) for prefix in ("p50_ms", "items/s", "speedup") for label in columns
+                   if _column(prefix, label) in table]]
+    table.index.name = "variant"
+    return table
+
+
+def _column(prefix: str, label: str) -> str:
+    return f"{prefix} {label}" if label else prefix
+
+
+@dataclass(frozen=True)
+class AloneCheck:
+    """A variant's median timed alone against its median inside an interleaved table."""
+
+    label: str
+    alone_ms: float
+    table_ms: float
+    factor: float
+
+    @property
+    def ratio(self) -> float:
+        return self.table_ms / self.alone_ms
+
+    @property
+    def agrees(self) -> bool:
+        return 1 / self.factor <= self.ratio <= self.factor
+
+    def __str__(self) -> str:
+        verdict = f"within {self.factor:g}x" if self.agrees else f"NOT within {self.factor:g}x"
+        return (f"{self.label} alone: p50 {self.alone_ms:.2f} ms; in the interleaved table: "
+                f"{self.table_ms:.2f} ms ({self.ratio:.2f}x, {verdict})")
+
+
+def check_alone(model: Callable[..., Any], inputs: Any, in_table: LatencyStats, label: str = "eager",
+                factor: float = 2.0, iters: int = 50, attempts: int = 3) -> AloneCheck:
+    """Time ``model`` on its own and check its median agrees with the one in an interleaved table.
+
+    Interleaving is fair only if the variants do not slow each other down: a runtime whose idle
+    threads keep spinning after a call (ONNX Runtime's default) steals the cores from whatever is
+    timed next, and the table then blames the neighbour. Call this right after
+    :func:`measure_interleaved` with the baseline variant. Up to ``attempts`` measurements alone
+    are made (a burst of background load can hit one), the closest one is kept, and
+    ``AssertionError`` is raised if it still differs by more than ``factor``.
+
+    >>> stats = measure_latency(torch.nn.Identity(), torch.zeros(1), warmup=1, iters=20)
+    >>> check_alone(torch.nn.Identity(), torch.zeros(1), stats, factor=1000.0).agrees
+    True
+    """
+    if factor <= 1 or attempts < 1:
+        raise ValueError(f"need factor > 1 and attempts >= 1, got factor={factor}, attempts={attempts}")
+    best: AloneCheck | None = None
+    for _ in range(attempts):
+        alone = measure_latency(model, inputs, warmup=5, iters=max(iters, MIN_RUNS)).p50_ms
+        check = AloneCheck(label, alone, in_table.p50_ms, factor)
+        if best is None or abs(np.log(check.ratio)) < abs(np.log(best.ratio)):
+            best = check
+        if best.agrees:
+            break
+    assert best is not None
+    if not best.agrees:
+        raise AssertionError(f"{best}: the variants of the table slow each other down (a runtime spinning "
+                             "after its calls?), so its ratios are not the variants' own")
+    return best
 
 
 def model_size_bytes(obj: nn.Module | str | Path) -> int:

@@ -11,6 +11,7 @@ so that numbers printed in a notebook mean the same thing on a laptop, in CI and
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import random
@@ -105,6 +106,35 @@ def reduced_precision(device: str | torch.device) -> torch.dtype | None:
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def show_source(*objects: object) -> object:
+    """The whole source of functions, classes or methods, highlighted, to display in a notebook.
+
+    Lessons use it to show the production code a cell has just run, in full (never an excerpt that
+    could drift from the package): ``env.show_source(monitoring.LatencyMonitor)``. Each object is
+    headed by the module it comes from. Returns an ``IPython.display.Code`` (its plain-text form
+    is the source itself).
+
+    >>> print(show_source(configured_threads).data.splitlines()[:2])
+    ['# course_utils.env', 'def configured_threads() -> int:']
+    """
+    from IPython.display import Code
+
+    if not objects:
+        raise ValueError("show_source needs at least one function, class or method")
+    parts = []
+    for obj in objects:
+        target = inspect.unwrap(obj)  # type: ignore[arg-type]
+        try:
+            text = inspect.getsource(target)  # type: ignore[arg-type]
+        except (TypeError, OSError) as error:
+            raise TypeError(f"no Python source for {obj!r}: pass a function, class or method") from error
+        module = getattr(target, "__module__", None) or "?"
+        lines = text.splitlines()
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        parts.append(f"# {module}\n" + "\n".join(line[indent:] for line in lines))
+    return Code("\n\n\n".join(parts), language="python")
 
 
 def seed_everything(seed: int = DEFAULT_SEED) -> None:

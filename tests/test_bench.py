@@ -118,3 +118,41 @@ def test_measure_interleaved_alternates_variants_and_keeps_their_samples():
         bench.measure_interleaved({}, torch.zeros(1))
     with pytest.raises(ValueError, match="model.eval"):
         bench.measure_interleaved({"train": torch.nn.Dropout()}, torch.zeros(1))
+
+
+def _stats(ms, n=bench.MIN_RUNS, batch=1):
+    return bench.LatencyStats(samples_ms=np.full(n, float(ms)), batch_size=batch)
+
+
+def test_latency_table_has_medians_speedups_and_throughput_per_batch():
+    table = bench.latency_table({"b1": {"eager": _stats(2.0), "ort": _stats(0.5)},
+                                 "b32": {"eager": _stats(8.0, batch=32), "ort": _stats(4.0, batch=32)}},
+                                throughput=True)
+    assert list(table.columns) == ["p50_ms b1", "p50_ms b32", "items/s b1", "items/s b32", "speedup b1", "speedup b32"]
+    assert table.loc["ort", "speedup b1"] == 4.0 and table.loc["ort", "speedup b32"] == 2.0
+    assert table.loc["eager", "items/s b32"] == 4000.0
+    assert bench.latency_table({"b1": {"a": _stats(1.0), "b": _stats(2.0)}}, baseline="b")["speedup b1"].tolist() == [2.0, 1.0]
+
+
+def test_latency_table_refuses_a_median_of_few_calls_and_unknown_baselines():
+    with pytest.raises(ValueError, match="from 3 calls: time at least 20"):
+        bench.latency_table({"b32": {"eager": _stats(1.0), "resnet": _stats(1.0, n=3)}})
+    with pytest.raises(KeyError, match="baseline 'x'"):
+        bench.latency_table({"b1": {"a": _stats(1.0)}}, baseline="x")
+    with pytest.raises(ValueError, match="nothing to tabulate"):
+        bench.latency_table({"b1": {}})
+
+
+def test_check_alone_passes_a_fair_table_and_fails_a_slowed_one():
+    def fn(x):
+        time.sleep(0.002)
+        return x
+
+    fair = bench.measure_latency(fn, torch.zeros(1), warmup=1, iters=20)
+    check = bench.check_alone(fn, torch.zeros(1), fair, label="sleep", iters=20)
+    assert check.agrees and "sleep alone: p50" in str(check) and "within 2x" in str(check)
+    slowed = _stats(fair.p50_ms * 10)          # as if a spinning neighbour had taken the cores
+    with pytest.raises(AssertionError, match="slow each other down"):
+        bench.check_alone(fn, torch.zeros(1), slowed, iters=20, attempts=2)
+    with pytest.raises(ValueError, match="factor"):
+        bench.check_alone(fn, torch.zeros(1), fair, factor=1.0)

@@ -138,3 +138,17 @@ def test_importing_the_package_asks_openmp_not_to_spin():
     clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, check=True).stdout
     assert out.strip() == "PASSIVE"
+
+
+def test_show_source_gives_whole_dedented_source_with_its_module():
+    from course_utils import monitoring
+
+    code = env.show_source(monitoring.LatencyMonitor.report, env.configured_threads)
+    text = code.data
+    assert text.startswith("# course_utils.monitoring\ndef report(self)")        # a method, dedented
+    assert "# course_utils.env\ndef configured_threads() -> int:" in text
+    assert text.count("\n\n\n# ") == 1
+    with pytest.raises(TypeError, match="no Python source"):
+        env.show_source(len)
+    with pytest.raises(ValueError, match="at least one"):
+        env.show_source()

@@ -43,6 +43,24 @@ def test_notebook_is_committed_executed_in_order_and_portable(path):
         assert "NBVAL_SKIP" not in "".join(cell["source"]), f"{path.name}: cell {i} is skipped"
 
 
+_ALONE = re.compile(r"DigitsCNN eager, batch 32 alone: p50 ([0-9.]+) ms; in the interleaved table: ([0-9.]+) ms")
+
+
+def test_committed_timing_tables_agree_with_each_other_across_lessons():
+    # Each timing lesson prints bench.check_alone for the same model and batch: the committed runs must
+    # agree within 2x between lessons (a neighbour that steals the cores made one lesson 5x slower once).
+    found = {}
+    for path in NOTEBOOKS[:5]:
+        nb = json.loads(path.read_text())
+        text = "".join("".join(out.get("text", "")) for cell in nb["cells"] if cell["cell_type"] == "code"
+                       for out in cell["outputs"])
+        medians = [float(value) for match in _ALONE.finditer(text) for value in match.groups()]
+        assert medians, f"{path.name}: no 'DigitsCNN eager, batch 32' sanity check in its outputs - run `make refresh`"
+        found[path.name] = medians
+    values = [v for medians in found.values() for v in medians]
+    assert max(values) <= 2 * min(values), f"eager CNN at batch 32 disagrees across lessons by more than 2x: {found}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_follows_the_lesson_template(path):
     nb = json.loads(path.read_text())
