@@ -112,8 +112,9 @@ def show_source(*objects: object) -> object:
     """The whole source of functions, classes or methods, highlighted, to display in a notebook.
 
     Lessons use it to show the production code a cell has just run, in full (never an excerpt that
-    could drift from the package): ``env.show_source(monitoring.LatencyMonitor)``. Each object is
-    headed by the module it comes from. Returns an ``IPython.display.Code`` (its plain-text form
+    could drift from the package): ``env.show_source(monitoring.LatencyMonitor)``. A ``Path`` shows
+    that whole file. Each object is headed by the module (or the file's path in the repository) it
+    comes from. Returns an ``IPython.display.Code`` (its plain-text form
     is the source itself).
 
     >>> print(show_source(configured_threads).data.splitlines()[:2])
@@ -125,6 +126,10 @@ def show_source(*objects: object) -> object:
         raise ValueError("show_source needs at least one function, class or method")
     parts = []
     for obj in objects:
+        if isinstance(obj, Path):          # a whole file of the repository (a handler, a Dockerfile)
+            name = obj.resolve().relative_to(REPO_DIR).as_posix() if obj.resolve().is_relative_to(REPO_DIR) else obj.name
+            parts.append(f"# {name}\n" + obj.read_text().rstrip("\n"))
+            continue
         target = inspect.unwrap(obj)  # type: ignore[arg-type]
         try:
             text = inspect.getsource(target)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -183,23 +184,34 @@ class OrtRunner:
 # ---------------------------------------------------------------- the C++ loader
 
 def cpp_compiler() -> str | None:
-    """The C++ compiler to use (``$CXX`` or ``g++``), or None when there is none."""
-    return shutil.which(os.environ.get("CXX", "g++"))
+    """The C++ compiler to use (``$CXX``, else ``g++``, else ``c++``/``clang++``), or None when there is none."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
 
 
-def cpp_build_command(source: Path, output: Path, compiler: str = "g++") -> list[str]:
+def cpp_build_command(source: Path, output: Path, compiler: str = "g++", system: str | None = None) -> list[str]:
     """The one command that builds ``source`` against the libtorch inside the installed torch wheel.
 
-    ATen's headers need C++20; the ABI flag must match the wheel's; ``--no-as-needed`` keeps
-    ``libtorch_cpu`` linked although no symbol is referenced directly (operators register at load).
+    ATen's headers need C++20. On Linux (GNU ld) the ABI flag must match the wheel's, and
+    ``--no-as-needed`` keeps ``libtorch_cpu`` linked although no symbol is referenced directly
+    (operators register at load). macOS's linker (``ld64``, under Apple clang) keeps every library
+    it is given and knows neither flag, so ``system="Darwin"`` leaves them out. (Windows needs
+    MSVC and a CMake build: not covered here.)
+
+    >>> "-Wl,--no-as-needed" in cpp_build_command(Path("a.cpp"), Path("a"), "clang++", system="Darwin")
+    False
     """
+    system = system or platform.system()
     root = Path(torch.__file__).resolve().parent
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-std=c++20", "-O2", str(source), "-o", str(output),
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-            f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-Wl,--no-as-needed",
-            "-ltorch", "-ltorch_cpu", "-lc10"]
+    command = [compiler, "-std=c++20", "-O2", str(source), "-o", str(output)]
+    if system != "Darwin":
+        command.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+    command += [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+                f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}"]
+    if system != "Darwin":
+        command.append("-Wl,--no-as-needed")
+    return command + ["-ltorch", "-ltorch_cpu", "-lc10"]
 
 
 def build_cpp_loader(output_dir: str | Path, source: str | Path = CPP_SOURCE, force: bool = False) -> Path:

@@ -152,3 +152,8 @@ def test_show_source_gives_whole_dedented_source_with_its_module():
         env.show_source(len)
     with pytest.raises(ValueError, match="at least one"):
         env.show_source()
+
+
+def test_show_source_of_a_file_names_it_relative_to_the_repository():
+    text = env.show_source(env.REPO_DIR / "deploy" / "torchserve" / "handler.py").data
+    assert text.startswith("# deploy/torchserve/handler.py\n") and "class DigitsHandler" in text

@@ -1,3 +1,6 @@
+import shutil
+from pathlib import Path
+
 import onnx
 import pytest
 import torch
@@ -168,3 +171,19 @@ def test_cpp_build_failure_shows_the_compiler_message(tmp_path):
     with pytest.raises(RuntimeError, match="C\\+\\+ build failed"):
         export.build_cpp_loader(tmp_path / "out", source=broken)
     assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_cpp_build_command_suits_the_linker_of_each_system():
+    linux = export.cpp_build_command(export.CPP_SOURCE, Path("x"), "g++", system="Linux")
+    mac = export.cpp_build_command(export.CPP_SOURCE, Path("x"), "clang++", system="Darwin")
+    assert "-Wl,--no-as-needed" in linux and any(f.startswith("-D_GLIBCXX_USE_CXX11_ABI=") for f in linux)
+    assert "-Wl,--no-as-needed" not in mac and not any(f.startswith("-D_GLIBCXX") for f in mac)
+    assert mac[0] == "clang++" and mac[-3:] == ["-ltorch", "-ltorch_cpu", "-lc10"]
+
+
+def test_cpp_compiler_honours_cxx(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert export.cpp_compiler() is None
+    monkeypatch.delenv("CXX")
+    if shutil.which("g++"):
+        assert export.cpp_compiler() == shutil.which("g++")
