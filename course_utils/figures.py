@@ -39,14 +39,25 @@ def flow(nodes: Mapping[str, tuple[float, float, str] | tuple[float, float, str,
         colour = COLOURS[role[0] if role else "plain"]
         boxes[key] = ax.text(x, y, text, ha="center", va="center", fontsize=9, zorder=3,
                              bbox={"boxstyle": "round,pad=0.4", "facecolor": colour, "edgecolor": "#555555"})
+    width, height = ax.figure.get_size_inches()
     for start, end, *label in edges:
         (x0, y0), (x1, y1) = nodes[start][:2], nodes[end][:2]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=2,   # clipped at both boxes' edges
-                    arrowprops={"arrowstyle": "-|>", "color": "#555555", "shrinkA": 2, "shrinkB": 2,
-                                "patchA": boxes[start].get_bbox_patch(), "patchB": boxes[end].get_bbox_patch()})
+        dx, dy = (x1 - x0) * width, (y1 - y0) * height          # in inches: which sides face each other
+        if abs(dx) >= abs(dy):
+            out, into = (1.0 if dx > 0 else 0.0, 0.5), (0.0 if dx > 0 else 1.0, 0.5)
+        else:
+            out, into = (0.5, 1.0 if dy > 0 else 0.0), (0.5, 0.0 if dy > 0 else 1.0)
+        # Anchored to the boxes' text, so the arrow runs from edge to edge whatever the box sizes.
+        ax.annotate("", xy=into, xycoords=boxes[end], xytext=out, textcoords=boxes[start], zorder=2,
+                    arrowprops={"arrowstyle": "-|>", "color": "#555555", "shrinkA": 5, "shrinkB": 5})
         if label:
-            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.05, label[0], ha="center", va="bottom", fontsize=8,
-                    color="#333333")
+            # Beside a slanted arrow on its outer side (arrows into one box do not cross their labels).
+            side = "center" if abs(dx) < 1e-9 or abs(dy) < 1e-9 else ("right" if dx > 0 else "left")
+            along = 0.5 if abs(dy) < 1e-9 else 0.45
+            lx, ly = x0 + along * (x1 - x0), y0 + along * (y1 - y0)
+            ax.text(lx + (0.01 if side == "left" else -0.01 if side == "right" else 0.0),
+                    ly + (0.05 if abs(dy) < 1e-9 else 0.0), label[0], ha=side, va="center", fontsize=8,
+                    color="#333333", zorder=4)
     if title:
         ax.set_title(title)
     return ax
