@@ -44,7 +44,8 @@ help:
 	@echo "make serve    - start the inference service (FastAPI, trained CNN) on 127.0.0.1:8000  [SERVE_ARGS=...]"
 	@echo "make resnet18 - export the chapter's ResNet-18 (ONNX + ImageNet spec) to serve: SERVE_ARGS=\"--model artifacts/serve/resnet18.onnx\""
 	@echo "make image    - build the torch-free serving image with docker or podman (no network in the build) [IMAGE=...]"
-	@echo "make image-check - build, run and probe the image on 127.0.0.1 (ready, answers, uid, read-only, no torch, stop)"
+	@echo "make image-check - build, run and probe the image on 127.0.0.1 (ready, answers, uid, read-only, no torch, stop),"
+	@echo "                   then the Lambda function as a container image, invoked with every sample event"
 	@echo "make unit     - unit tests and doctests of course_utils only"
 	@echo "make notebooks- strict nbval over notebooks/ only"
 	@echo "make refresh  - re-execute every notebook in place (authors, before committing)"
@@ -111,6 +112,7 @@ image: $(STAMP)
 
 image-check: $(STAMP)
 	$(BIN)/python deploy/docker/image.py check --tag $(IMAGE)
+	$(BIN)/python deploy/lambda/image.py check
 
 image-clean:
 	$(BIN)/python deploy/docker/image.py clean --tag $(IMAGE)

