@@ -17,6 +17,7 @@ import platform
 import random
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,9 +137,7 @@ def show_source(*objects: object) -> object:
         except (TypeError, OSError) as error:
             raise TypeError(f"no Python source for {obj!r}: pass a function, class or method") from error
         module = getattr(target, "__module__", None) or "?"
-        lines = text.splitlines()
-        indent = len(lines[0]) - len(lines[0].lstrip())
-        parts.append(f"# {module}\n" + "\n".join(line[indent:] for line in lines))
+        parts.append(f"# {module}\n" + textwrap.dedent(text).rstrip("\n"))   # a method: as if at the top level
     return Code("\n\n\n".join(parts), language="python")
 
 

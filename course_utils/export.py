@@ -223,7 +223,7 @@ def build_cpp_loader(output_dir: str | Path, source: str | Path = CPP_SOURCE, fo
     """
     compiler = cpp_compiler()
     if compiler is None:
-        raise FileNotFoundError("no C++ compiler found (set CXX or install g++)")
+        raise FileNotFoundError("no C++ compiler found (set CXX, or install g++; on macOS: xcode-select --install)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source = Path(source)

@@ -39,17 +39,18 @@ def flow(nodes: Mapping[str, tuple[float, float, str] | tuple[float, float, str,
         colour = COLOURS[role[0] if role else "plain"]
         boxes[key] = ax.text(x, y, text, ha="center", va="center", fontsize=9, zorder=3,
                              bbox={"boxstyle": "round,pad=0.4", "facecolor": colour, "edgecolor": "#555555"})
-    width, height = ax.figure.get_size_inches()
+    box = ax.get_position()                                      # this Axes' share of the figure, in inches:
+    width, height = box.width * ax.figure.get_size_inches()[0], box.height * ax.figure.get_size_inches()[1]
     for start, end, *label in edges:
         (x0, y0), (x1, y1) = nodes[start][:2], nodes[end][:2]
         dx, dy = (x1 - x0) * width, (y1 - y0) * height          # in inches: which sides face each other
-        if abs(dx) >= abs(dy):
+        if abs(dx) >= 1.5 * abs(dy):                                  # mostly sideways: left and right edges
             out, into = (1.0 if dx > 0 else 0.0, 0.5), (0.0 if dx > 0 else 1.0, 0.5)
         else:
             out, into = (0.5, 1.0 if dy > 0 else 0.0), (0.5, 0.0 if dy > 0 else 1.0)
         # Anchored to the boxes' text, so the arrow runs from edge to edge whatever the box sizes.
         ax.annotate("", xy=into, xycoords=boxes[end], xytext=out, textcoords=boxes[start], zorder=2,
-                    arrowprops={"arrowstyle": "-|>", "color": "#555555", "shrinkA": 5, "shrinkB": 5})
+                    arrowprops={"arrowstyle": "-|>", "color": "#555555", "shrinkA": 5, "shrinkB": 6})
         if label:
             # Beside a slanted arrow on its outer side (arrows into one box do not cross their labels).
             side = "center" if abs(dx) < 1e-9 or abs(dy) < 1e-9 else ("right" if dx > 0 else "left")

@@ -471,9 +471,10 @@ def test_lambda_image_requirements_are_pinned():
     assert all("==" in pin for pin in pins) and any(pin.startswith("awslambdaric==") for pin in pins)
     assert {pin.split("==")[0] for pin in pins} >= {"onnxruntime", "numpy", "pillow"}
     assert not any(pin.startswith("torch") for pin in pins), "the function image is torch-free"
+    assert {"simplejson", "snapshot-restore-py"} <= {pin.split("==")[0] for pin in pins}, "the client's own dependencies"
 
 
-def _fake_runtime_client(api: str, handler, stop: threading.Event) -> None:
+def _fake_runtime_client(api: str, handler, stop: threading.Event, problems: list[str]) -> None:
     """What awslambdaric does, in a few lines: poll /next, call the handler, post the answer."""
     session = requests.Session()
     while not stop.is_set():
@@ -482,49 +483,90 @@ def _fake_runtime_client(api: str, handler, stop: threading.Event) -> None:
         except requests.RequestException:
             return
         request_id = event.headers["Lambda-Runtime-Aws-Request-Id"]
-        assert int(event.headers["Lambda-Runtime-Deadline-Ms"]) > time.time() * 1000
+        if int(event.headers["Lambda-Runtime-Deadline-Ms"]) <= time.time() * 1000:
+            problems.append(f"deadline already passed for {request_id}")
+        if not event.headers["Lambda-Runtime-Trace-Id"].startswith("Root=1-"):
+            problems.append("malformed trace id")
         try:
             answer, kind = json.dumps(handler(event.json())), "response"
         except Exception as error:  # the runtime reports a handler's exception as an error object
             answer, kind = json.dumps({"errorType": type(error).__name__, "errorMessage": str(error)}), "error"
-        session.post(f"http://{api}/2018-06-01/runtime/invocation/{request_id}/{kind}", data=answer, timeout=5)
+        posted = session.post(f"http://{api}/2018-06-01/runtime/invocation/{request_id}/{kind}", data=answer, timeout=5)
+        if posted.status_code != 202:
+            problems.append(f"{kind} for {request_id}: {posted.status_code}")
+
+
+def _emulator():
+    spec = importlib.util.spec_from_file_location("emulator", ROOT / "deploy" / "lambda" / "emulator.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _start(emulator):
+    from http.server import ThreadingHTTPServer
+
+    runtime_api = ThreadingHTTPServer(("127.0.0.1", 0), emulator.runtime_handler())
+    invoke_api = ThreadingHTTPServer(("127.0.0.1", free_port()), emulator.invoke_handler())
+    for server in (runtime_api, invoke_api):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    return runtime_api, invoke_api
 
 
 def test_the_emulator_serves_invocations_through_the_runtime_api():
-    spec = importlib.util.spec_from_file_location("emulator", ROOT / "deploy" / "lambda" / "emulator.py")
-    emulator_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emulator_module)
-    from http.server import ThreadingHTTPServer
-
-    emulator = emulator_module.Emulator(timeout=2.0)
-    runtime_api = ThreadingHTTPServer(("127.0.0.1", 0), emulator.handler())
-    invoke_api = ThreadingHTTPServer(("127.0.0.1", free_port()), emulator.handler())
-    servers = [runtime_api, invoke_api]
-    for server in servers:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    stop = threading.Event()
+    module = _emulator()
+    emulator = module.Emulator(timeout=2.0)
+    runtime_api, invoke_api = _start(emulator)
+    stop, problems = threading.Event(), []
 
     def handler(event):
         if event == "boom":
             raise ValueError("bad event")
         return {"statusCode": 200, "body": json.dumps({"echo": event})}
 
+    runtime = f"http://127.0.0.1:{runtime_api.server_address[1]}"
     client = threading.Thread(target=_fake_runtime_client, daemon=True,
-                              args=(f"127.0.0.1:{runtime_api.server_address[1]}", handler, stop))
+                              args=(runtime.removeprefix("http://"), handler, stop, problems))
     client.start()
-    url = f"http://127.0.0.1:{invoke_api.server_address[1]}{emulator_module.INVOKE}"
+    url = f"http://127.0.0.1:{invoke_api.server_address[1]}{module.INVOKE}"
     try:
         for value in ({"a": 1}, "text", [1, 2]):
             answer = requests.post(url, data=json.dumps(value), timeout=5)
             assert answer.status_code == 200 and json.loads(answer.json()["body"]) == {"echo": value}
+            assert "X-Amz-Function-Error" not in answer.headers
         failed = requests.post(url, data=json.dumps("boom"), timeout=5)
-        assert failed.status_code == 200 and failed.json() == {"errorType": "ValueError", "errorMessage": "bad event"}
+        assert failed.status_code == 200 and failed.headers["X-Amz-Function-Error"] == "Unhandled"
+        assert failed.json() == {"errorType": "ValueError", "errorMessage": "bad event"}
+        # the Runtime API is not on the public port, and an unknown request id is refused
+        assert requests.get(url.replace(module.INVOKE, "/2018-06-01/runtime/invocation/next"), timeout=5).status_code == 404
+        assert requests.post(f"{runtime}/2018-06-01/runtime/invocation/nope/response", data="{}", timeout=5).status_code == 400
         stop.set()
-        requests.post(url, data=json.dumps("last"), timeout=5)      # answered, then the client stops polling
+        last = requests.post(url, data=json.dumps("last"), timeout=5)     # answered; then the client stops polling
+        assert last.status_code == 200 and json.loads(last.json()["body"]) == {"echo": "last"}
+        client.join(5)
         late = requests.post(url, data=json.dumps("nobody polls"), timeout=5)
         assert late.status_code == 504 and "no answer within 2 s" in late.json()["errorMessage"]
-        assert requests.get(f"http://127.0.0.1:{runtime_api.server_address[1]}/nope", timeout=5).status_code == 404
+        assert late.headers["X-Amz-Function-Error"] == "Unhandled"
+        assert problems == []
     finally:
         stop.set()
-        for server in servers:
+        for server in (runtime_api, invoke_api):
+            server.shutdown()
+
+
+def test_the_emulator_reports_a_runtime_that_could_not_start():
+    module = _emulator()
+    emulator = module.Emulator(timeout=5.0)
+    runtime_api, invoke_api = _start(emulator)
+    runtime = f"http://127.0.0.1:{runtime_api.server_address[1]}"
+    url = f"http://127.0.0.1:{invoke_api.server_address[1]}{module.INVOKE}"
+    try:
+        error = {"errorType": "Runtime.ImportModuleError", "errorMessage": "No module named 'handler'"}
+        assert requests.post(f"{runtime}/2018-06-01/runtime/init/error", data=json.dumps(error), timeout=5).status_code == 202
+        started = time.monotonic()
+        answer = requests.post(url, data="{}", timeout=10)
+        assert answer.status_code == 200 and answer.json() == error and time.monotonic() - started < 2
+        assert answer.headers["X-Amz-Function-Error"] == "Unhandled"
+    finally:
+        for server in (runtime_api, invoke_api):
             server.shutdown()

@@ -1,4 +1,3 @@
-import shutil
 from pathlib import Path
 
 import onnx
@@ -185,5 +184,10 @@ def test_cpp_compiler_honours_cxx(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     assert export.cpp_compiler() is None
     monkeypatch.delenv("CXX")
-    if shutil.which("g++"):
-        assert export.cpp_compiler() == shutil.which("g++")
+    installed = {"clang++": "/usr/bin/clang++"}                  # a Mac: Xcode's clang, no g++
+    monkeypatch.setattr(export.shutil, "which", installed.get)
+    assert export.cpp_compiler() == "/usr/bin/clang++"
+    installed["g++"] = "/usr/bin/g++"
+    assert export.cpp_compiler() == "/usr/bin/g++"                # g++ first where both exist
+    installed.clear()
+    assert export.cpp_compiler() is None

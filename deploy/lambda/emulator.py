@@ -12,6 +12,10 @@ library only, so the image can be checked on a machine that cannot download the 
 When ``AWS_LAMBDA_RUNTIME_API`` is set (the image is running in AWS Lambda), it just replaces
 itself with the command, as AWS's documented entry script does. One invocation at a time, like
 the real emulator; an invocation the handler does not answer within ``--timeout`` seconds gets 504.
+The Runtime API listens on loopback only; the published port serves the invoke URL alone. A
+handler's error (or a runtime that failed to start) is answered 200 with ``X-Amz-Function-Error:
+Unhandled``, as Lambda's Invoke API does. Unlike AWS's emulator it does not restart a runtime that
+exited: the container stops with it.
 """
 
 from __future__ import annotations
@@ -37,30 +41,56 @@ class Emulator:
 
     def __init__(self, timeout: float = 30.0) -> None:
         self.timeout = timeout
-        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.answers: dict[str, queue.Queue[tuple[int, bytes]]] = {}
+        self.events: queue.Queue[tuple[str, bytes, int]] = queue.Queue()
+        self.answers: dict[str, queue.Queue[tuple[int, bytes, bool]]] = {}
+        self.lock = threading.Lock()
         self.invoke_lock = threading.Lock()            # one invocation at a time, as in Lambda
         self.init_error: bytes | None = None
 
-    def invoke(self, event: bytes) -> tuple[int, bytes]:
+    def invoke(self, event: bytes) -> tuple[int, bytes, bool]:
+        """(status, body, function error?) for one event, as Lambda's Invoke API answers it."""
         with self.invoke_lock:
             if self.init_error is not None:
-                return 502, self.init_error
+                return 200, self.init_error, True
             request_id = str(uuid.uuid4())
-            answer: queue.Queue[tuple[int, bytes]] = queue.Queue(maxsize=1)
-            self.answers[request_id] = answer
-            self.events.put((request_id, event))
+            answer: queue.Queue[tuple[int, bytes, bool]] = queue.Queue(maxsize=1)
+            with self.lock:
+                self.answers[request_id] = answer
+            deadline_ms = int((time.time() + self.timeout) * 1000)   # from when the invoke arrived
+            self.events.put((request_id, event, deadline_ms))
             try:
                 return answer.get(timeout=self.timeout)
             except queue.Empty:
                 return 504, json.dumps({"errorType": "Timeout",
-                                        "errorMessage": f"no answer within {self.timeout:g} s"}).encode()
+                                        "errorMessage": f"no answer within {self.timeout:g} s"}).encode(), True
             finally:
-                self.answers.pop(request_id, None)
+                with self.lock:                        # a late answer for this id is refused, its event skipped
+                    self.answers.pop(request_id, None)
 
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        emulator = self
+    def next_event(self) -> tuple[str, bytes, int]:
+        """The next event someone still waits for (a timed-out one is dropped)."""
+        while True:
+            request_id, event, deadline_ms = self.events.get()
+            with self.lock:
+                if request_id in self.answers:
+                    return request_id, event, deadline_ms
 
+    def answer(self, request_id: str, body: bytes, error: bool) -> bool:
+        with self.lock:
+            waiting = self.answers.pop(request_id, None)   # one answer per request id
+        if waiting is None:
+            return False
+        waiting.put((200, body, error))                # Lambda answers 200 with the error object too
+        return True
+
+    def fail_all(self, body: bytes) -> None:
+        """The runtime could not start or went away: every waiting invocation hears why."""
+        with self.lock:
+            waiting, self.answers = list(self.answers.values()), {}
+        for answer in waiting:
+            answer.put((200, body, True))
+
+    def _base(self) -> type[BaseHTTPRequestHandler]:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True      # small replies: no 40 ms delayed-ACK stalls
@@ -80,43 +110,64 @@ class Emulator:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _not_found(self) -> None:
+                self._send(404, b'{"errorMessage": "not found"}')
+
+        return Handler
+
+    def invoke_handler(self) -> type[BaseHTTPRequestHandler]:
+        """The public face (the container's published port): the invoke URL only."""
+        emulator = self
+
+        class Invoke(self._base()):  # type: ignore[misc]
+            def do_GET(self) -> None:
+                self._not_found()
+
+            def do_POST(self) -> None:
+                body = self._body()
+                if self.path != INVOKE:
+                    return self._not_found()
+                status, answer, failed = emulator.invoke(body)
+                self._send(status, answer, {"X-Amz-Function-Error": "Unhandled"} if failed else None)
+
+        return Invoke
+
+    def runtime_handler(self) -> type[BaseHTTPRequestHandler]:
+        """The Runtime API, on loopback inside the container: what awslambdaric talks to."""
+        emulator = self
+
+        class Runtime(self._base()):  # type: ignore[misc]
             def do_GET(self) -> None:
                 if self.path != f"{RUNTIME}/invocation/next":
-                    return self._send(404, b'{"errorMessage": "not found"}')
-                request_id, event = emulator.events.get()
-                deadline = int((time.time() + emulator.timeout) * 1000)
+                    return self._not_found()
+                request_id, event, deadline_ms = emulator.next_event()
                 self._send(200, event, {
                     "Lambda-Runtime-Aws-Request-Id": request_id,
-                    "Lambda-Runtime-Deadline-Ms": str(deadline),
-                    "Lambda-Runtime-Invoked-Function-Arn":
-                        "arn:aws:lambda:local:000000000000:function:digits",
-                    "Lambda-Runtime-Trace-Id": f"Root=1-{request_id[:8]}",
+                    "Lambda-Runtime-Deadline-Ms": str(deadline_ms),
+                    "Lambda-Runtime-Invoked-Function-Arn": "arn:aws:lambda:local:000000000000:function:digits",
+                    "Lambda-Runtime-Trace-Id": f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0",
                 })
 
             def do_POST(self) -> None:
                 body = self._body()
-                if self.path == INVOKE:
-                    status, answer = emulator.invoke(body)
-                    return self._send(status, answer)
                 if self.path == f"{RUNTIME}/init/error":
                     emulator.init_error = body
-                    return self._send(202, b"{}")
+                    emulator.fail_all(body)
+                    return self._send(202, b'{"status": "OK"}')
                 parts = self.path.split("/")        # /2018-06-01/runtime/invocation/<id>/response|error
                 if len(parts) == 6 and parts[3] == "invocation" and parts[5] in ("response", "error"):
-                    answer = emulator.answers.get(parts[4])
-                    if answer is None:
-                        return self._send(400, b'{"errorMessage": "unknown request id"}')
-                    answer.put((200, body))          # Lambda answers 200 with the error object too
-                    return self._send(202, b"{}")
-                return self._send(404, b'{"errorMessage": "not found"}')
+                    if not emulator.answer(parts[4], body, error=parts[5] == "error"):
+                        return self._send(400, b'{"errorMessage": "unknown or already answered request id"}')
+                    return self._send(202, b'{"status": "OK"}')
+                return self._not_found()
 
-        return Handler
+        return Runtime
 
 
 def serve(command: list[str], host: str, port: int, timeout: float) -> int:
     emulator = Emulator(timeout)
-    runtime_api = ThreadingHTTPServer(("127.0.0.1", 0), emulator.handler())
-    invoke_api = ThreadingHTTPServer((host, port), emulator.handler())
+    runtime_api = ThreadingHTTPServer(("127.0.0.1", 0), emulator.runtime_handler())
+    invoke_api = ThreadingHTTPServer((host, port), emulator.invoke_handler())
     for server in (runtime_api, invoke_api):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {**os.environ, "AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{runtime_api.server_address[1]}",
@@ -127,12 +178,18 @@ def serve(command: list[str], host: str, port: int, timeout: float) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     client = subprocess.Popen(command, env=env)
     try:
-        return client.wait()
+        code = client.wait()
+        emulator.fail_all(json.dumps({"errorType": "Runtime.ExitError",
+                                      "errorMessage": f"the runtime exited with status {code}"}).encode())
+        return code
     except KeyboardInterrupt:
         return 0
     finally:
         client.terminate()
-        client.wait(timeout=5)
+        try:
+            client.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            client.kill()
         for server in (runtime_api, invoke_api):
             server.shutdown()
 
