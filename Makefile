@@ -34,7 +34,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, cloud VMs) unless told it may.
 LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve resnet18 image image-check image-clean refresh data bench lock clean
+.PHONY: help setup lab test check compat-setup test-compat unit notebooks lint serve resnet18 image image-check image-clean refresh student data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
@@ -49,6 +49,7 @@ help:
 	@echo "make unit     - unit tests and doctests of course_utils only"
 	@echo "make notebooks- strict nbval over notebooks/ only"
 	@echo "make refresh  - re-execute every notebook in place (authors, before committing)"
+	@echo "make student  - write student/: every lesson without its reference solutions and outputs (learners, classes)"
 	@echo "make data     - rebuild data/ from scratch (splits, samples, checkpoint, manifest)"
 	@echo "make bench    - measure every deployment variant (several minutes) -> reports/"
 	@echo "make lock     - re-resolve constraints.txt in a scratch venv"
@@ -136,6 +137,10 @@ lint: $(STAMP)
 refresh: $(STAMP)
 	$(BIN)/python tools/refresh_notebooks.py $(NOTEBOOKS)
 
+# The student build, from the same source: solutions dropped, outputs cleared (tests/test_student.py checks it).
+student: $(STAMP)
+	$(BIN)/python tools/student.py notebooks student
+
 data: $(STAMP)
 	$(BIN)/python -m course_utils.build_data
 
@@ -150,5 +155,5 @@ lock:
 	mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache artifacts notebooks/artifacts
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache artifacts notebooks/artifacts student
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -8,7 +8,6 @@ away; the reference answers sit in a collapsed cell, like every exercise's solut
 >>> key = answer_key("demo", {1: "b", 2: "a"})
 >>> grade("demo", {1: "B", 2: "a"}, key)
 quiz demo: 2/2 right
-2
 """
 
 from __future__ import annotations
@@ -31,11 +30,10 @@ def answer_key(lesson: str, answers: Mapping[int, str]) -> dict[int, str]:
 
 
 def grade(lesson: str, answers: Mapping[int, str], key: Mapping[int, str],
-          hints: Mapping[int, str] | None = None) -> int:
+          hints: Mapping[int, str] | None = None) -> None:
     """Print the score; raise ``AssertionError`` naming each unanswered or wrong question (and its hint).
 
-    ``answers`` maps question numbers to letters (case and spaces do not matter). Returns the
-    number of right answers when all are right.
+    ``answers`` maps question numbers to letters (case and spaces do not matter).
 
     >>> grade("demo", {1: "c"}, answer_key("demo", {1: "b"}), hints={1: "section 2"})
     Traceback (most recent call last):
@@ -61,4 +59,3 @@ def grade(lesson: str, answers: Mapping[int, str], key: Mapping[int, str],
     if problems:
         raise AssertionError(score + ". " + "; ".join(problems))
     print(score)
-    return right

@@ -155,7 +155,10 @@ def _exercises(nb: dict) -> list[tuple[int, int, int]]:
     return found
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+LESSONS = [p for p in NOTEBOOKS if p.name != "99_capstone.ipynb"]   # the capstone is graded by its gates
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
 def test_every_lesson_has_a_tagged_exercise_with_a_collapsed_solution(path):
     nb = json.loads(path.read_text())
     exercises = _exercises(nb)
@@ -170,6 +173,32 @@ def test_every_lesson_has_a_tagged_exercise_with_a_collapsed_solution(path):
         stub_source = "".join(cells[stub]["source"])
         assert "TODO" in stub_source and stub_source != "".join(cells[solution]["source"])
         assert "NotImplementedError" not in stub_source, "a stub must run, so that its self-check can fail on it"
+
+
+def _tagged(nb: dict, index: int, tag: str) -> bool:
+    return tag in nb["cells"][index].get("metadata", {}).get("tags", [])
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_every_lesson_has_two_exercises_a_quiz_think_prompts_and_its_place_in_the_course(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    exercises = _exercises(nb)
+    quizzes = [e for e in exercises if all(_tagged(nb, i, "quiz") for i in e)]
+    assert len(exercises) - len(quizzes) >= 2, f"{path.name}: fewer than two 'Your turn' exercises"
+    assert len(quizzes) == 1, f"{path.name}: one quiz (stub, solution and self-check tagged 'quiz')"
+    stub, solution, check = quizzes[0]
+    questions = "".join(cells[stub - 1]["source"])
+    assert cells[stub - 1]["cell_type"] == "markdown" and questions.startswith("## Quiz")
+    assert re.findall(r"^\*\*(\d)\.\*\*", questions, flags=re.M) == ["1", "2", "3", "4", "5"], "five numbered questions"
+    assert "quiz.grade(" in "".join(cells[check]["source"])
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert text.count("**Think!**") >= 2, f"{path.name}: at least two Think! prompts before measured results"
+    top = "".join(cells[1]["source"])
+    assert "**Before you start:**" in top and "**Time:**" in top, f"{path.name}: prerequisites and time under the title"
+    last = "".join(cells[-1]["source"])
+    target = re.search(r"\*\*Next →\*\* \[[^\]]+\]\(([^)]+\.ipynb)\)", last)
+    assert target and (path.parent / target.group(1)).is_file(), f"{path.name}: the last cell links to the next lesson"
 
 
 GRADER_NOTEBOOK = {
