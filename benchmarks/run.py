@@ -17,11 +17,13 @@ import argparse
 import copy
 import json
 import logging
+import os
 import platform
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -211,6 +213,71 @@ def build_variants(case: Case, skip_aoti: bool) -> dict[str, tuple[Callable, int
         model = pruned_structured(case)
         return model, bench.model_size_bytes(model)
     add("pruned structured 50%", structured)
+
+    # Lesson 10's runtimes: ExecuTorch with the XNNPACK delegate, and OpenVINO (f32 hint; int8 by NNCF).
+    def executorch(int8: bool) -> Callable[[], tuple[Callable, int | None]]:
+        def make() -> tuple[Callable, int | None]:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+            from executorch.runtime import Runtime
+
+            model: Callable = case.model
+            if int8:
+                from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                    XNNPACKQuantizer,
+                    get_symmetric_quantization_config,
+                )
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+                quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+                any_batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}     # so that each shape re-exports
+                prepared = prepare_pt2e(torch.export.export(case.model, (case.example,), dynamic_shapes=any_batch).module(),
+                                        quantizer)
+                with torch.inference_mode():
+                    for i in range(0, len(case.calibration), 8):
+                        prepared(case.calibration[i:i + 8])
+                model = convert_pt2e(prepared)
+            # A .pte has static shapes here: one per batch size, lowered on first use (the warm-up
+            # calls), since exports with a dynamic batch refused batches above 8 (executorch 1.5.1).
+            methods: dict[tuple[int, ...], Any] = {}
+
+            def lowered(shape: tuple[int, ...]) -> Any:
+                if shape not in methods:
+                    program = torch.export.export(model, (torch.zeros(shape),))
+                    path = work / f"{case.name}_xnnpack{'_int8' if int8 else ''}_b{shape[0]}.pte"
+                    path.write_bytes(
+                        to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+                    with env.capture_native_stderr():             # the runtime's CPU probe
+                        methods[shape] = Runtime.get().load_program(path).load_method("forward")
+                return methods[shape]
+
+            lowered(tuple(case.example[:1].shape))
+            size = (work / f"{case.name}_xnnpack{'_int8' if int8 else ''}_b1.pte").stat().st_size
+            return (lambda x: lowered(tuple(x.shape)).execute([x.contiguous()])[0]), size
+        return make
+    add("ExecuTorch XNNPACK fp32", executorch(int8=False))
+    add("ExecuTorch XNNPACK int8", executorch(int8=True))
+
+    def openvino(int8: bool) -> Callable[[], tuple[Callable, int | None]]:
+        def make() -> tuple[Callable, int | None]:
+            os.environ.setdefault("NNCF_CI", "1")             # no telemetry from NNCF
+            import openvino as ov
+
+            model = ov.convert_model(fp32_onnx)
+            if int8:
+                import nncf
+
+                items = [case.calibration[i:i + 1].numpy() for i in range(len(case.calibration))]
+                model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
+            path = work / f"{case.name}_openvino{'_int8' if int8 else ''}.xml"
+            ov.save_model(model, path, compress_to_fp16=False)   # the default rounds weights to fp16
+            compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+            return (lambda x: torch.from_numpy(compiled(x.numpy())[0])), size
+        return make
+    if fp32_onnx.exists():
+        add("OpenVINO f32", openvino(int8=False))
+        add("OpenVINO int8 (NNCF)", openvino(int8=True))
     return variants
 
 

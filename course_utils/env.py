@@ -17,7 +17,10 @@ import platform
 import random
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,47 @@ def show_source(*objects: object) -> object:
         module = getattr(target, "__module__", None) or "?"
         parts.append(f"# {module}\n" + textwrap.dedent(text).rstrip("\n"))   # a method: as if at the top level
     return Code("\n\n\n".join(parts), language="python")
+
+
+@dataclass
+class CapturedStderr:
+    """What native code wrote to file descriptor 2 inside :func:`capture_native_stderr`."""
+
+    text: str = ""
+
+
+@contextmanager
+def capture_native_stderr() -> Iterator[CapturedStderr]:
+    r"""Capture what native libraries write to stderr inside the block, at both levels.
+
+    A C/C++ library writes either to the process's file descriptor 2 or, through its Python
+    bindings, to ``sys.stderr`` (ExecuTorch's runtime log does the latter). In Jupyter either
+    surfaces in whichever cell runs when it arrives; here both are kept, in ``.text`` after the block.
+
+    >>> with capture_native_stderr() as captured:
+    ...     _ = os.write(2, b"from C\n")
+    ...     print("from the bindings", file=sys.stderr)
+    >>> captured.text
+    'from C\nfrom the bindings\n'
+    """
+    import contextlib
+    import io
+
+    captured = CapturedStderr()
+    python_level = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(python_level):
+                yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode(errors="replace") + python_level.getvalue()
 
 
 def seed_everything(seed: int = DEFAULT_SEED) -> None:

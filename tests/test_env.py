@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -157,3 +158,20 @@ def test_show_source_gives_whole_dedented_source_with_its_module():
 def test_show_source_of_a_file_names_it_relative_to_the_repository():
     text = env.show_source(env.REPO_DIR / "deploy" / "torchserve" / "handler.py").data
     assert text.startswith("# deploy/torchserve/handler.py\n") and "class DigitsHandler" in text
+
+
+def test_capture_native_stderr_takes_what_the_descriptor_gets_and_restores_it(capfd):
+    with env.capture_native_stderr() as captured:
+        os.write(2, b"probe: cpu 0\n")
+        print("bindings", file=sys.stderr)
+    os.write(2, b"after\n")
+    assert captured.text == "probe: cpu 0\nbindings\n"
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_capture_native_stderr_restores_the_descriptor_when_the_block_raises(capfd):
+    with pytest.raises(RuntimeError), env.capture_native_stderr() as captured:
+        os.write(2, b"half\n")
+        raise RuntimeError("boom")
+    os.write(2, b"back\n")
+    assert captured.text == "half\n" and capfd.readouterr().err == "back\n"
