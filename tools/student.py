@@ -19,7 +19,8 @@ import nbformat
 NOTE = ("> **Student edition.** The reference solutions are removed and every output is cleared: run the\n"
         "> cells in order. Each *Self-check* cell stops the notebook with a message until you have solved\n"
         "> the exercise above it (edit the cell marked TODO, run it, run the self-check again). The full\n"
-        "> lesson, with solutions and outputs, is in `notebooks/`.")
+        "> lesson, with solutions and outputs, is in `notebooks/`; where the text mentions a collapsed\n"
+        "> reference cell, that cell is not in this edition.")
 
 
 def student_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:

@@ -7,7 +7,7 @@ a separate venv, from the repository root:
     .venv-litert/bin/pip install litert-torch==0.10.0 torch==2.14.1 torchvision==0.29.1
     .venv-litert/bin/python deploy/litert/convert.py artifacts/litert/cnn.tflite
 
-It checks the converted model against eager PyTorch on the test split before writing it.
+It checks the converted model against eager PyTorch on 32 test images before writing it.
 Measured on 1 December 2026 (2-core AMD EPYC): 12 s, a 107 KiB file, largest difference 3e-6.
 """
 
