@@ -156,3 +156,33 @@ def test_check_alone_passes_a_fair_table_and_fails_a_slowed_one():
         bench.check_alone(fn, torch.zeros(1), slowed, iters=20, attempts=2)
     with pytest.raises(ValueError, match="factor"):
         bench.check_alone(fn, torch.zeros(1), fair, factor=1.0)
+
+
+def test_checked_table_measures_again_after_a_burst_and_fails_a_neighbour_that_always_slows():
+    calls = {"n": 0}
+
+    def burst_then_quiet(x):       # the first table's calls land in a burst of background load
+        calls["n"] += 1
+        time.sleep(0.02 if calls["n"] <= 25 else 0.002)
+        return x
+
+    models = {"a": burst_then_quiet, "b": lambda x: x}
+    stats, verdict = bench.measure_interleaved_checked(models, torch.zeros(1), label="a", warmup=0, iters=20)
+    assert verdict.agrees and stats["a"].p50_ms < 10 and calls["n"] > 40     # measured twice, kept the fair one
+
+    slowed = {"next": False}
+
+    def victim(x):
+        time.sleep(0.02 if slowed["next"] else 0.002)
+        slowed["next"] = False
+        return x
+
+    def spinner(x):                # steals the cores from whatever runs next, every time
+        slowed["next"] = True
+        return x
+
+    with pytest.raises(AssertionError, match="in 2 attempts, table and alone disagreed every time"):
+        bench.measure_interleaved_checked({"victim": victim, "spinner": spinner}, torch.zeros(1), warmup=0,
+                                          iters=20, attempts=2)
+    with pytest.raises(KeyError, match="check='c'"):
+        bench.measure_interleaved_checked(models, torch.zeros(1), check="c")
