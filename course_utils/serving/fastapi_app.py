@@ -8,9 +8,11 @@ event loop: decoding goes to a thread, inference to the dynamic batcher's thread
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, File, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -158,10 +160,12 @@ class BodyLimitMiddleware:
             await answer(scope, receive, send)
 
 
-def create_app(config: ServiceConfig | None = None, predictor: Predictor | None = None) -> FastAPI:
+def create_app(config: ServiceConfig | None = None, predictor: Predictor | None = None,
+               run_batch: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None) -> FastAPI:
     """Build the app; the model loads (and warms up) when the server starts, in ``lifespan``.
 
-    ``predictor``: serve this one instead of loading ``config.model_path``.
+    ``predictor``: serve this one instead of loading ``config.model_path``. ``run_batch``: let an
+    engine batch the model calls (see :class:`InferenceService`).
     """
     config = config or ServiceConfig()
     config.framework = "fastapi"
@@ -170,7 +174,7 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
     async def lifespan(app: FastAPI):
         from .lifecycle import install_drain
 
-        app.state.service = InferenceService(config, predictor)
+        app.state.service = InferenceService(config, predictor, run_batch)
         install_drain(app.state.service, config.drain_s)   # SIGTERM: not ready at once, then uvicorn's shutdown
         yield
         app.state.service.close()

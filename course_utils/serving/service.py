@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,8 @@ def warmup_batches(max_batch_size: int) -> tuple[int, ...]:
 class ServiceConfig:
     """Everything a deployment may want to change; every field has an environment variable."""
 
-    model_path: str | None = None          # COURSE_SERVE_MODEL (default: the trained checkpoint)
-    spec_path: str | None = None           # COURSE_SERVE_SPEC (default: <model>.spec.json if present, else digits)
+    model_path: str | None = None          # COURSE_SERVE_MODEL_PATH (default: the trained checkpoint)
+    spec_path: str | None = None           # COURSE_SERVE_SPEC_PATH (default: <model>.spec.json if present, else digits)
     device: str | None = None              # COURSE_SERVE_DEVICE (default: best available)
     api_key: str | None = None             # COURSE_SERVE_API_KEY (default: no auth)
     max_upload_bytes: int = 10 * 2**20     # COURSE_SERVE_MAX_UPLOAD_BYTES
@@ -121,10 +122,13 @@ class InferenceService:
     """A loaded, warmed-up model behind the checks of the HTTP contract.
 
     ``predictor`` serves a predictor you built yourself (a ``ProductionModel``, say) instead of
-    loading ``config.model_path``.
+    loading ``config.model_path``. ``run_batch`` hands the model calls of the async front end to
+    an engine's own batching (Ray Serve's ``@serve.batch``, lesson 11) instead of the service's
+    :class:`DynamicBatcher`: it takes a batch of preprocessed inputs and returns their probabilities.
     """
 
-    def __init__(self, config: ServiceConfig, predictor: Predictor | None = None) -> None:
+    def __init__(self, config: ServiceConfig, predictor: Predictor | None = None,
+                 run_batch: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None) -> None:
         if config.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.config = config
@@ -143,8 +147,9 @@ class InferenceService:
         self.draining = False   # set on SIGTERM (lifecycle.install_drain): /ready answers 503 from then on
         self.metrics = ServiceMetrics(self.predictor.version, config.framework)
         self.predictor.warmup(warmup_batches(config.max_batch_size))
+        self.run_batch = run_batch
         self.batcher: DynamicBatcher | None = None
-        if config.max_batch_size > 1:
+        if config.max_batch_size > 1 and run_batch is None:
             self.batcher = DynamicBatcher(self.predictor.predict_array, config.max_batch_size, config.max_wait_ms,
                                           on_batch=self.metrics.batch_size.observe, max_queue=config.max_queue)
 
@@ -220,6 +225,8 @@ class InferenceService:
 
     async def _run_async(self, x: np.ndarray) -> np.ndarray:
         """The same without blocking the event loop."""
+        if self.run_batch is not None:
+            return await self.run_batch(x)
         if self.batcher is None:
             return await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict_array, x)
         futures = [asyncio.wrap_future(future) for future in self._submit(x)]
