@@ -10,6 +10,7 @@ with its own CPU budget and ports, bounded waits, and ``ray stop --force`` howev
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -117,7 +118,7 @@ class LocalRayCluster:
             starting.update({node: self._start_node(node) for node in range(1, self.nodes)})
             for node, process in starting.items():
                 self._finish(node, process)
-            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+            ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False)
             self.wait_for_nodes(self.nodes)
         except BaseException:
             self.stop()
