@@ -33,7 +33,8 @@ def test_two_node_ray_cluster_serves_survives_a_node_kill_and_leaves_nothing_beh
     problem = cluster.isolation_problem()
     if problem is not None:
         pytest.skip(f"no private network namespace here ({problem}); Ray must not listen on a real interface")
-    drill = [sys.executable, str(ROOT / "deploy" / "ray" / "drill.py"), "--seconds", "0.5", "--clients", "4"]
+    drill = [sys.executable, str(ROOT / "deploy" / "ray" / "drill.py"), "--seconds", "0.5", "--clients", "4",
+             "--deadline", "100"]
     done = subprocess.run(cluster.isolated_command(drill), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

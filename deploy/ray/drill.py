@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,22 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidate", help="a second model file: also run the canary (stable = the checkpoint)")
     parser.add_argument("--canary-requests", type=int, default=400)
     parser.add_argument("--share", type=float, default=0.3)
+    parser.add_argument("--deadline", type=int, default=150,
+                        help="give up after this many seconds (the cluster is still stopped, the report says why)")
     args = parser.parse_args(argv)
     if cluster.isolation_problem() is None and not _only_loopback():
         parser.error("run me inside a private network namespace (course_utils.cluster.isolated_command)")
     report: dict = {"timings_s": {}}
     started = time.monotonic()
+
+    def give_up(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the drill took over {args.deadline} s")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(args.deadline)
     ray_cluster = cluster.LocalRayCluster(nodes=2, cpus_per_node=1, env=RAY_ENV)
     try:
         _drill(ray_cluster, args, report, started)
+    except Exception as error:
+        report["error"] = f"{type(error).__name__}: {error}"
+        raise
     finally:
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        except Exception:   # noqa: BLE001 - the cluster may already be half gone; stop it anyway
-            pass
-        ray_cluster.stop()
+        signal.alarm(0)
+        ray_cluster.stop()          # ray stop --force: Serve's controller, proxy and replicas go with the nodes
         report["leftover_ray_processes"] = cluster.ray_processes()
         report["timings_s"]["total"] = round(time.monotonic() - started, 1)
         print(json.dumps(report))
@@ -101,7 +108,7 @@ def _drill(ray_cluster: cluster.LocalRayCluster, args: argparse.Namespace, repor
         report["canary"] = _canary(serve, args, url)
 
     # the worker node dies under load
-    drill = run_load(url + "/predict", payloads, args.kill_clients, 4.0, timeout_s=10,
+    drill = run_load(url + "/predict", payloads, args.kill_clients, 3.0, timeout_s=5,
                      actions=[(1.0, lambda: report.update(killed_pid=ray_cluster.kill_node(1)))],
                      tally_header="X-Ray-Node")
     report["kill"] = {**drill.as_dict(), "mismatches": drill.mismatches, "error_kinds": sorted(set(drill.errors)),
@@ -121,19 +128,23 @@ def _canary(serve, args: argparse.Namespace, url: str) -> dict:
     serve.run(serve_app.build_canary({"candidate": args.candidate, "share": str(args.share)}),
               name="canary", route_prefix="/canary")
     arms: dict[str, dict[str, int]] = {"stable": {"n": 0, "correct": 0}, "candidate": {"n": 0, "correct": 0}}
+    wrong: dict[str, list[int]] = {}
     session = requests.Session()
     samples = _test_pngs(args.canary_requests)
     for i, (raw, label) in enumerate(samples):
         response = session.post(url + "/canary/predict", files={"file": ("digit.png", raw, "image/png")},
                                 headers={"X-User-Id": f"user-{i}"}, timeout=30)
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"the canary answered {response.status_code}: {response.text[:300]}")
         arm = response.headers["X-Arm"]
         arms[arm]["n"] += 1
-        arms[arm]["correct"] += int(response.json()["predictions"][0]["class"] == label)
+        right = response.json()["predictions"][0]["class"] == label
+        arms[arm]["correct"] += int(right)
+        wrong.setdefault(arm, []).extend([] if right else [i])
     difference, p_value = two_proportion_test(arms["stable"]["correct"], arms["stable"]["n"],
                                               arms["candidate"]["correct"], arms["candidate"]["n"])
     serve.delete("canary")
-    return {"arms": arms, "difference": difference, "p_value": p_value}
+    return {"arms": arms, "difference": difference, "p_value": p_value, "wrong": wrong}
 
 
 def _test_pngs(count: int) -> list[tuple[bytes, int]]:

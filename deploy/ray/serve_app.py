@@ -10,14 +10,14 @@ batches across the requests that reach one replica. Every answer names the Ray n
     PYTHONPATH=deploy/ray serve run serve_app:service    # one machine (inside a private network namespace!)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray pickles these classes by value, and cloudpickle
+# keeps only the globals a function's code uses - FastAPI could not resolve string annotations.
 import asyncio
 import hashlib
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Header, Query, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
@@ -63,7 +63,7 @@ class CourseService:
         return app
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0})
 class Arm:
     """One arm of a canary: a predictor behind the course service's checks, called by handle."""
 
@@ -102,13 +102,12 @@ class Canary:
             return JSONResponse(error_body(error.code, error.message), status_code=error.status)
 
         @app.post("/predict")
-        async def predict(file: Annotated[UploadFile | None, File()] = None,
-                          image: Annotated[UploadFile | None, File()] = None,
-                          top_k: Annotated[str | None, Query()] = None,
-                          user: Annotated[str, Header(alias="X-User-Id")] = "") -> JSONResponse:
-            upload = pick_upload({"file": file, "image": image})
-            arm = self.arm(user)
-            status, answer = await self.handles[arm].classify.remote(await upload.read(), upload.content_type, top_k)
+        async def predict(request: Request) -> JSONResponse:
+            form = await request.form()
+            upload = pick_upload({name: value for name, value in form.items() if not isinstance(value, str)})
+            arm = self.arm(request.headers.get("X-User-Id", ""))
+            status, answer = await self.handles[arm].classify.remote(await upload.read(), upload.content_type,
+                                                                     request.query_params.get("top_k"))
             return JSONResponse(answer, status_code=status, headers={"X-Arm": arm})
 
         return app
