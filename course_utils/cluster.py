@@ -2,8 +2,9 @@
 
 Ray has no authentication by default (CVE-2023-48022) and, asked for 127.0.0.1, still listens on
 the host's own address. So the cluster runs inside a **private network namespace** where only
-loopback exists (:func:`isolated_command`: ``unshare -n`` as root, ``unshare -rn`` as a user):
-nothing outside the namespace can reach it, and its fixed ports collide with nothing.
+loopback exists (:func:`isolated_command`: ``unshare -n`` as root, ``unshare -rn`` as a user), and
+a private PID namespace: nothing outside can reach it, its fixed ports collide with nothing, and
+``ray stop`` cannot touch anybody else's Ray.
 :class:`LocalRayCluster` is used from inside that namespace: every node its own ``ray start``
 with its own CPU budget and ports, bounded waits, and ``ray stop --force`` however the block ends.
 """
@@ -43,13 +44,16 @@ def isolation_problem() -> str | None:
 
 
 def isolated_command(argv: Sequence[str]) -> list[str]:
-    """``argv`` wrapped to run in a new network namespace that has only loopback.
+    """``argv`` wrapped to run in new network and PID namespaces: only loopback, only its own processes.
+
+    The PID namespace keeps ``ray stop`` and the leftover check to this cluster's processes, and
+    when the command ends (or is killed) the kernel kills every process it started.
 
     >>> isolated_command(["python", "-V"])[:2] in (["unshare", "-n"], ["unshare", "-rn"])
     True
     """
     flag = "-n" if os.geteuid() == 0 else "-rn"   # a user maps itself to root inside the namespace
-    return ["unshare", flag, "sh", "-c", _ISOLATE, *argv]
+    return ["unshare", flag, "--pid", "--fork", "--mount-proc", "sh", "-c", _ISOLATE, *argv]
 
 
 class LocalRayCluster:
@@ -66,11 +70,13 @@ class LocalRayCluster:
         if nodes < 1 or cpus_per_node < 1:
             raise ValueError("need nodes >= 1 and cpus_per_node >= 1")
         self.nodes, self.cpus, self.port, self.timeout_s = nodes, cpus_per_node, port, timeout_s
-        self.ray = ray or str(Path(sys.executable).with_name("ray"))
+        beside = Path(sys.executable).with_name("ray")
+        self.ray = ray or (str(beside) if beside.exists() else shutil.which("ray") or "ray")
         self.address = f"127.0.0.1:{port}"
         self.env = {"RAY_USAGE_STATS_ENABLED": "0", **(env or {})}   # read by every process the nodes start
 
     def node_manager_port(self, node: int) -> int:
+        """The raylet port of node ``node`` (how :meth:`kill_node` finds it)."""
         return self.port + 100 * node + 10
 
     def _start_node(self, node: int) -> subprocess.Popen:
@@ -94,6 +100,7 @@ class LocalRayCluster:
             out, _ = process.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(timeout=10)
             raise TimeoutError(f"`ray start` for node {node} took over {self.timeout_s:.0f} s") from None
         if process.returncode != 0:
             raise RuntimeError(f"`ray start` for node {node} failed ({process.returncode}):\n{out[-2000:]}")
@@ -126,11 +133,13 @@ class LocalRayCluster:
         return self
 
     def alive_nodes(self) -> list[dict]:
+        """The nodes the GCS considers alive (``ray.nodes()``)."""
         import ray
 
         return [n for n in ray.nodes() if n["Alive"]]
 
     def wait_for_nodes(self, count: int) -> None:
+        """Wait (at most ``timeout_s``) until exactly ``count`` nodes are alive."""
         deadline = time.monotonic() + self.timeout_s
         while len(self.alive_nodes()) != count:
             if time.monotonic() > deadline:
@@ -158,7 +167,8 @@ class LocalRayCluster:
         raise ProcessLookupError(f"no raylet with {flag}")
 
     def stop(self) -> None:
-        """Disconnect and ``ray stop --force`` every node of this machine's namespace (always safe)."""
+        """Disconnect and ``ray stop --force`` (every Ray process it can see: inside :func:`isolated_command`,
+        only this cluster's)."""
         import ray
 
         if ray.is_initialized():
@@ -174,14 +184,15 @@ class LocalRayCluster:
 
 
 def ray_processes() -> list[str]:
-    """Ray's own processes still running on this machine (GCS, raylets, workers): empty after a clean stop.
+    """Ray's own processes that this process can see (inside :func:`isolated_command`: this cluster's).
 
     >>> isinstance(ray_processes(), list)
     True
     """
     import psutil
 
-    names = ("gcs_server", "raylet", "ray::", "default_worker.py", "dashboard/agent.py", "runtime_env/agent")
+    names = ("gcs_server", "raylet", "ray::", "default_worker.py", "dashboard/agent.py", "runtime_env/agent",
+             "log_monitor.py", "ray/autoscaler/_private/monitor.py", "ray.util.client.server", "dashboard/dashboard.py")
     found = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])

@@ -24,7 +24,8 @@ import validate  # noqa: E402
 # ----------------------------------------------------------------------------- the Ray cluster
 def test_isolated_command_brings_loopback_up_and_runs_the_command():
     command = cluster.isolated_command(["python", "-c", "pass"])
-    assert command[0] == "unshare" and "ip link set lo up" in command[4] and command[-3:] == ["python", "-c", "pass"]
+    assert command[0] == "unshare" and "--pid" in command and "ip link set lo up" in command[7]
+    assert command[-3:] == ["python", "-c", "pass"]
     with pytest.raises(ValueError, match="nodes >= 1"):
         cluster.LocalRayCluster(nodes=0)
 
@@ -44,10 +45,11 @@ def test_two_node_ray_cluster_serves_survives_a_node_kill_and_leaves_nothing_beh
     kill = report["kill"]
     assert report["killed_pid"] > 0 and report["alive_nodes_after"] == 1, report
     assert kill["mismatches"] == 0, "every answer, even during the kill, is the right digit for its upload"
-    assert kill["requests"] > 50 and kill["errors"] <= 0.1 * kill["requests"], kill
+    # the requests in flight on the dead node's replica fail (at most a few per client), not the rest
+    assert kill["requests"] > kill["errors"] and kill["errors"] <= 3 * 8, kill
     after = report["after_kill"]
     assert after["errors"] == 0 and set(after["answers_by_node"]) == {"head"}, after
-    assert report["leftover_ray_processes"] == [] and cluster.ray_processes() == []
+    assert report["leftover_ray_processes"] == [], "ray stop left processes in the cluster's namespace"
 
 
 # ----------------------------------------------------------------------------- fault injection in run_load
@@ -119,6 +121,7 @@ def test_every_manifest_passes_its_schema_and_agrees_with_the_image():
     ("inferenceservice.yaml", "minReplicas: 2", "minReplica: 2", "'minReplica' was unexpected"),
     ("rayservice.yaml", "name: CourseService", "name: Classifier", "no deployment 'Classifier'"),
     ("rayservice.yaml", "rayVersion:", "rayVersions:", "'rayVersions' was unexpected"),
+    ("rayservice.yaml", "max_replicas: 4", "max_replicas: 8", "is not serve_app.AUTOSCALING"),
 ])
 def test_a_broken_manifest_is_refused_with_the_reason(tmp_path, file, old, new, expected):
     text = (ROOT / "deploy" / "k8s" / file).read_text()

@@ -58,6 +58,7 @@ def run_load(url: str, payloads: Sequence[tuple[bytes, str, int | None]], concur
     ``actions`` are ``(seconds after the start, callable)``: a fault to inject mid-load (kill a
     replica); :meth:`LoadResult.recovery_s` then says how long clients saw errors after it.
     ``tally_header`` counts the 200 answers by the value of that response header (which replica).
+    An action that raises makes ``run_load`` raise ``RuntimeError`` with its reason, after the run.
 
     >>> run_load("http://127.0.0.1:9/predict", [(b"", "image/png", None)], 1, 0.2).errors[:1]
     ['ConnectionError']
@@ -97,10 +98,15 @@ def run_load(url: str, payloads: Sequence[tuple[bytes, str, int | None]], concur
                     if tally_header:
                         result.tally[response.headers.get(tally_header, "?")] += 1
 
+    failures: list[str] = []
+
     def act(at: float, action: Callable[[], object]) -> None:
         time.sleep(max(0.0, start + at - time.monotonic()))
         result.actions_s.append(time.monotonic() - start)
-        action()
+        try:
+            action()
+        except Exception as error:   # noqa: BLE001 - reported after the run, not lost in a thread
+            failures.append(f"{type(error).__name__}: {error}")
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
     threads += [threading.Thread(target=act, args=pair, daemon=True) for pair in sorted(actions, key=lambda a: a[0])]
@@ -109,4 +115,6 @@ def run_load(url: str, payloads: Sequence[tuple[bytes, str, int | None]], concur
     for thread in threads:
         thread.join(seconds + timeout_s + 30)
     result.seconds = time.monotonic() - start
+    if failures:
+        raise RuntimeError(f"a scheduled action failed during the load: {failures[0]}")
     return result

@@ -225,8 +225,8 @@ class InferenceService:
 
     async def _run_async(self, x: np.ndarray) -> np.ndarray:
         """The same without blocking the event loop."""
-        if self.run_batch is not None:
-            return await self.run_batch(x)
+        if self.run_batch is not None:      # the engine batches, sheds and measures; the timeout stays ours
+            return await asyncio.wait_for(self.run_batch(x), self.config.request_timeout_s)
         if self.batcher is None:
             return await asyncio.get_running_loop().run_in_executor(None, self.predictor.predict_array, x)
         futures = [asyncio.wrap_future(future) for future in self._submit(x)]

@@ -80,6 +80,7 @@ def crd_schema(api_version: str, kind: str) -> dict[str, Any]:
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
+    """The non-empty YAML documents of ``path``."""
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
@@ -170,6 +171,11 @@ def serve_config_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"serveConfigV2: {module}.py defines no {attribute!r}")
         problems += [f"serveConfigV2: {module}.py has no deployment {d.get('name')!r}"
                      for d in app.get("deployments", []) if d.get("name") not in names]
+        autoscaling = next((ast.literal_eval(node.value) for node in ast.parse(source.read_text()).body
+                            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "AUTOSCALING"), None)
+        problems += [f"serveConfigV2: {d['name']}'s autoscaling_config {d['autoscaling_config']} is not "
+                     f"{module}.AUTOSCALING {autoscaling}" for d in app.get("deployments", [])
+                     if "autoscaling_config" in d and autoscaling is not None and d["autoscaling_config"] != autoscaling]
     return problems
 
 

@@ -46,7 +46,9 @@ class CourseService:
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005)
     async def _predict_rows(self, rows: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.predictor.predict_array(np.stack(rows)))     # one model call for the whole batch
+        batch = np.stack(rows)                                        # one model call for the whole batch,
+        loop = asyncio.get_running_loop()                             # off the event loop
+        return list(await loop.run_in_executor(None, self.predictor.predict_array, batch))
 
     async def _run_batch(self, x: np.ndarray) -> np.ndarray:
         return np.stack(await asyncio.gather(*(self._predict_rows(row) for row in x)))
@@ -119,6 +121,7 @@ def build_service(args: dict[str, str]) -> Any:
 
 
 def build_canary(args: dict[str, str]) -> Any:
+    """The canary application: ``stable`` and ``candidate`` model files (None: the checkpoint), ``share``."""
     share = float(args.get("share", "0.2"))
     stable, candidate = Arm.options(name="stable"), Arm.options(name="candidate")
     return Canary.bind(stable.bind(args.get("stable"), "stable"), candidate.bind(args.get("candidate"), "candidate"),
