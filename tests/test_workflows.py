@@ -1,0 +1,73 @@
+"""The course's two GitHub Actions workflows lint clean with three real linters, which catch real mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from course_utils import workflows
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = [ROOT / ".github" / "workflows" / "course.yml", ROOT / "deploy" / "ci" / "release.yml"]
+INJECTION = """\
+name: greet
+on: pull_request
+jobs:
+  greet:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - run: echo "${{ github.event.pull_request.title }}"
+"""
+
+
+@pytest.mark.parametrize("linter", workflows.LINTERS)
+def test_both_workflows_lint_clean(linter):
+    result = getattr(workflows, linter)(WORKFLOWS)
+    if result.status == "skipped":
+        pytest.skip(f"{linter}: {result.findings[0]} (set {workflows.REQUIRE_ENV}=1 to make this a failure)")
+    assert result.clean, "\n".join(result.findings)
+
+
+def test_the_linters_catch_injection_unpinned_actions_and_a_broken_file(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(INJECTION)
+    results = workflows.lint([bad])
+    found = "\n".join(workflows.problems(results))
+    assert "template-injection" in found and "unpinned-uses" in found and "excessive-permissions" in found
+    if results["actionlint"].status != "skipped":
+        assert "potentially untrusted" in found
+    broken = tmp_path / "broken.yml"
+    broken.write_text("name: x\non: push\njobs:\n  a:\n    steps: 3\n")
+    results = workflows.lint([broken])
+    assert results["schema"].status == "problems" and "'runs-on' is a required property" in "\n".join(
+        results["schema"].findings)
+    assert results["zizmor"].status == "clean", "zizmor skips a file that fails the schema: why the schema check runs"
+
+
+def test_the_course_workflow_runs_what_ci_runs_on_a_schedule_with_a_cached_venv():
+    course = yaml.safe_load(WORKFLOWS[0].read_text())
+    triggers = course[True]   # YAML 1.1 reads the key `on` as True
+    assert triggers["schedule"][0]["cron"] and "pull_request" in triggers
+    runs = {step.get("run") for job in course["jobs"].values() for step in job["steps"]}
+    assert {"make image-check", "make test", "make test-compat"} <= runs
+    assert course["permissions"] == {"contents": "read"}
+    cached = [s for s in course["jobs"]["test"]["steps"] if s.get("uses", "").startswith("actions/cache@")]
+    assert cached and ".venv" in cached[0]["with"]["path"] and "constraints.txt" in cached[0]["with"]["key"]
+    assert course["env"][workflows.REQUIRE_ENV] == "1"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"export {workflows.REQUIRE_ENV}=1" in ci and "make test\n" in ci
+
+
+def test_the_release_workflow_gates_builds_the_image_and_publishes_the_report():
+    flow = yaml.safe_load(WORKFLOWS[1].read_text())
+    jobs = flow["jobs"]
+    assert jobs["gate"]["needs"] == "test" and jobs["image"]["needs"] == "gate"
+    gate = next(s for s in jobs["gate"]["steps"] if s.get("name") == "Release gate")
+    assert "-m course_utils.release gate" in gate["run"] and "--report reports/release.json" in gate["run"]
+    publish = next(s for s in jobs["gate"]["steps"] if s.get("name") == "Publish the report")
+    assert publish["if"] == "always()" and publish["with"]["path"] == "reports/release.json"
+    assert "image.py check" in jobs["image"]["steps"][-1]["run"]
+    assert flow["concurrency"]["cancel-in-progress"] is False
