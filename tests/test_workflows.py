@@ -44,7 +44,10 @@ def test_the_linters_catch_injection_unpinned_actions_and_a_broken_file(tmp_path
     results = workflows.lint([broken])
     assert results["schema"].status == "problems" and "'runs-on' is a required property" in "\n".join(
         results["schema"].findings)
-    assert results["zizmor"].status == "clean", "zizmor skips a file that fails the schema: why the schema check runs"
+    assert results["zizmor"].status == "problems" and "could not audit" in results["zizmor"].findings[0]
+    lax = workflows.zizmor([broken, WORKFLOWS[0]], strict=False)
+    assert lax.status == "clean", "without --strict-collection zizmor skips the broken file and passes the rest"
+    assert workflows.zizmor([tmp_path / "missing.yml"]).status == "problems"
 
 
 def test_the_course_workflow_runs_what_ci_runs_on_a_schedule_with_a_cached_venv():
@@ -56,7 +59,7 @@ def test_the_course_workflow_runs_what_ci_runs_on_a_schedule_with_a_cached_venv(
     assert course["permissions"] == {"contents": "read"}
     cached = [s for s in course["jobs"]["test"]["steps"] if s.get("uses", "").startswith("actions/cache@")]
     assert cached and ".venv" in cached[0]["with"]["path"] and "constraints.txt" in cached[0]["with"]["key"]
-    assert course["env"][workflows.REQUIRE_ENV] == "1"
+    assert course["jobs"]["test"]["env"][workflows.REQUIRE_ENV] == "1"
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"export {workflows.REQUIRE_ENV}=1" in ci and "make test\n" in ci
 
@@ -64,10 +67,13 @@ def test_the_course_workflow_runs_what_ci_runs_on_a_schedule_with_a_cached_venv(
 def test_the_release_workflow_gates_builds_the_image_and_publishes_the_report():
     flow = yaml.safe_load(WORKFLOWS[1].read_text())
     jobs = flow["jobs"]
-    assert jobs["gate"]["needs"] == "test" and jobs["image"]["needs"] == "gate"
-    gate = next(s for s in jobs["gate"]["steps"] if s.get("name") == "Release gate")
+    assert jobs["gate"]["needs"] == "test"
+    names = [s.get("name") for s in jobs["gate"]["steps"]]
+    gate = jobs["gate"]["steps"][names.index("Release gate")]
     assert "-m course_utils.release gate" in gate["run"] and "--report reports/release.json" in gate["run"]
-    publish = next(s for s in jobs["gate"]["steps"] if s.get("name") == "Publish the report")
-    assert publish["if"] == "always()" and publish["with"]["path"] == "reports/release.json"
-    assert "image.py check" in jobs["image"]["steps"][-1]["run"]
+    image = jobs["gate"]["steps"][names.index("The image of the promoted model, built, run and probed")]
+    assert "image.py check" in image["run"] and names.index("Release gate") < names.index(image["name"])
+    publish = jobs["gate"]["steps"][-1]
+    assert publish["name"] == "Publish the report" and publish["if"] == "always()"
+    assert publish["with"]["path"] == "reports/release.json"
     assert flow["concurrency"]["cancel-in-progress"] is False
