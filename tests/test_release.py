@@ -122,7 +122,8 @@ def test_each_gate_can_fail():
 
     x, _ = data.split_tensors("test")
     predictor = Predictor.load(device="cpu")
-    assert release.latency_gate(predictor, predictor, x[:32], limits, iters=10).status == "pass"
+    # the same model twice: a ratio near 1, within 10x even on a machine busy with other work
+    assert release.latency_gate(predictor, predictor, x[:32], release.Limits(latency_factor=10), iters=10).status == "pass"
     slow = release.latency_gate(predictor, predictor, x[:32], release.Limits(latency_factor=0.01), iters=10)
     assert slow.failed and "interleaved" in slow.detail
     classes = predictor.predict(x).argmax(1)
