@@ -120,6 +120,12 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def read(cls, path: str | Path) -> Report:
+        """A report written by :meth:`write` (``--report``), gates included."""
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(**{**raw, "gates": [Gate(**g) for g in raw["gates"]]})
+
     def write(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def test_the_command_blocks_a_label_bug_promotes_a_good_retrain_and_rolls_back(t
     assert good.returncode == 0 and good.stdout.startswith("PROMOTED v3: every gate passed"), good.stdout + good.stderr
     report = json.loads((tmp_path / "v3.json").read_text())
     assert all(g["status"] == "pass" for g in report["gates"]), report["gates"]
+    assert release.Report.read(tmp_path / "v3.json").line() == good.stdout.strip()
     assert report["canary"]["passed"] and report["canary"]["errors"] == []
     assert ModelRegistry(registry).production()["version"] == "v3"
 
