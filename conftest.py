@@ -8,18 +8,62 @@
   fail with an ``AssertionError`` (a check that cannot fail is a defect), then solution +
   self-check, which must pass again, so the cells after the exercise see the solution's state.
   A failure is reported on the self-check's cell.
+* The parts skipped for a missing optional tool (podman, Java, Node.js, user namespaces, a C++
+  compiler, a GPU), listed at the end with how to get each tool. ``course_utils.optional`` records
+  them in the file named by ``COURSE_SKIPS_FILE``, which every notebook kernel inherits; under a
+  ``COURSE_REQUIRE_*`` switch a missing tool fails instead.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
+
+from course_utils import optional
 
 _NOTEBOOK_SECONDS: dict[str, float] = defaultdict(float)
 NOTEBOOK_BUDGET_S = 90.0
 EXERCISE_TIMEOUT_S = 300.0
 _GRADED: list[str] = []
+
+
+def pytest_configure(config):  # noqa: ANN001
+    """Give this run (and every kernel it starts) a fresh file for the skips, unless one is set already."""
+    if not os.environ.get(optional.SKIPS_ENV):
+        handle, path = tempfile.mkstemp(prefix="course-skips-", suffix=".jsonl")
+        os.close(handle)
+        os.environ[optional.SKIPS_ENV] = path
+        config._course_skips_file = path   # ours to remove at the end
+
+
+def pytest_unconfigure(config):  # noqa: ANN001
+    path = getattr(config, "_course_skips_file", None)
+    if path:
+        Path(path).unlink(missing_ok=True)
+        os.environ.pop(optional.SKIPS_ENV, None)
+
+
+def _skip_summary(terminalreporter) -> None:  # noqa: ANN001
+    path = os.environ.get(optional.SKIPS_ENV)
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] \
+        if path and Path(path).exists() else []
+    terminalreporter.section("optional tools")
+    if not records:
+        terminalreporter.write_line("every part that needs an optional tool ran (none was skipped)")
+        return
+    seen: set[tuple[str, str]] = set()
+    for record in records:
+        if (record["tool"], record["part"]) in seen:
+            continue
+        seen.add((record["tool"], record["part"]))
+        terminalreporter.write_line(optional.skip_line(record["tool"], record["part"], record["why"]))
+    terminalreporter.write_line(f"(set {optional.REQUIRE_ALL_ENV}=1, or one tool's COURSE_REQUIRE_* switch, "
+                                "to make a missing tool a failure; `python -m course_utils.optional` lists them)")
 
 
 def pytest_runtest_logreport(report):  # noqa: ANN001 - pytest hook signature
@@ -93,6 +137,7 @@ def pytest_runtest_call(item):  # noqa: ANN001
 
 
 def pytest_terminal_summary(terminalreporter):  # noqa: ANN001
+    _skip_summary(terminalreporter)
     if _GRADED:
         terminalreporter.section("exercises graded two ways (stub fails, solution passes)")
         for where in _GRADED:

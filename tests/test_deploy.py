@@ -24,7 +24,7 @@ import requests
 import torch
 from PIL import Image
 
-from course_utils import data
+from course_utils import data, optional
 from course_utils.serving import free_port, wait_until_ready
 from course_utils.serving.__main__ import parse_args
 
@@ -363,11 +363,8 @@ def test_the_torch_free_twin_matches_the_predictor_stage_by_stage():
 
 # ----------------------------------------------------------------------------- TorchServe and LitServe, for real
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17+, not found on PATH")
-
-
-@needs_java
 def test_torchserve_serves_the_archive_with_token_auth(tmp_path):
+    optional.skip_unless("java", "test_deploy: TorchServe served for real")
     sys.path.insert(0, str(ROOT / "deploy" / "torchserve"))
     try:
         serve = importlib.import_module("serve")
@@ -421,14 +418,21 @@ def _image_module():
         sys.path.remove(str(ROOT / "deploy" / "docker"))
 
 
-def test_image_check_without_an_engine_skips_on_a_laptop_and_fails_in_ci(monkeypatch, capsys):
+def test_image_check_without_an_engine_skips_on_a_laptop_and_fails_under_the_switch(monkeypatch, capsys, tmp_path):
     image = _image_module()
-    monkeypatch.setattr(image, "engine", lambda: None)
-    monkeypatch.delenv("CI", raising=False)
-    assert image.main(["check"]) == 0 and "skipped: no container engine" in capsys.readouterr().err
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(SystemExit, match="no container engine on a CI machine"):
-        image.main(["check"])
+    monkeypatch.setattr(optional, "_cached_problem", lambda key: "no podman or docker")
+    for switch in ("COURSE_REQUIRE_ENGINE", optional.REQUIRE_ALL_ENV):
+        monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv(optional.SKIPS_ENV, str(tmp_path / "skips.jsonl"))
+    assert image.main(["check"]) == 0
+    assert "skipped: make image-check: the serving image built, run and probed (no podman or docker" in capsys.readouterr().out
+    assert optional.skipped() == [{"tool": "engine", "part": "make image-check: the serving image built, run and probed",
+                                   "why": "no podman or docker"}]
+    for switch in ("COURSE_REQUIRE_ENGINE", optional.REQUIRE_ALL_ENV):
+        monkeypatch.setenv(switch, "1")
+        with pytest.raises(optional.MissingTool, match=f"{switch}=1 requires it here, but: no podman or docker"):
+            image.main(["check"])
+        monkeypatch.delenv(switch)
 
 
 def test_podman_settings_and_base_image_script_are_sane():

@@ -4,7 +4,7 @@ import onnx
 import pytest
 import torch
 
-from course_utils import data, env, export, models
+from course_utils import data, env, export, models, optional
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +118,12 @@ def test_cpp_build_command_targets_the_wheel():
     assert any(flag.startswith("-I") and flag.endswith("include") for flag in command)
 
 
-needs_compiler = pytest.mark.skipif(export.cpp_compiler() is None, reason="no C++ compiler (g++) on this machine")
-
-
 @pytest.fixture(scope="module")
 def cpp_binary():
+    optional.skip_unless("cxx", "test_export: the C++ loader built and run")
     return export.build_cpp_loader(env.artifacts_dir("cpp"))
 
 
-@needs_compiler
 def test_cpp_loader_agrees_with_python_on_torchscript(cpp_binary, cnn, batches, tmp_path):
     traced = torch.jit.trace(cnn, batches[0])
     traced.save(str(tmp_path / "cnn.pt"))
@@ -140,7 +137,6 @@ def test_cpp_loader_agrees_with_python_on_torchscript(cpp_binary, cnn, batches, 
     assert cpp_binary.stat().st_mtime_ns == before and stamp.is_file()
 
 
-@needs_compiler
 def test_cpp_loader_agrees_with_python_on_aotinductor(cpp_binary, cnn, batches, tmp_path):
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.export.export(cnn, (batches[1],), dynamic_shapes={"x": {0: batch}})
@@ -150,7 +146,6 @@ def test_cpp_loader_agrees_with_python_on_aotinductor(cpp_binary, cnn, batches, 
         torch.testing.assert_close(out, cnn(x).detach(), atol=1e-4, rtol=1e-4)
 
 
-@needs_compiler
 def test_cpp_loader_reports_errors(cpp_binary, tmp_path):
     with pytest.raises(RuntimeError, match="the C\\+\\+ loader failed"):
         export.run_cpp_loader(cpp_binary, "torchscript", tmp_path / "missing.pt", torch.zeros(1, 1, 8, 8), tmp_path)

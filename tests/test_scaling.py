@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from course_utils import cluster, data
+from course_utils import cluster, data, optional
 from course_utils.serving import run_load, serve_asgi_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +31,7 @@ def test_isolated_command_brings_loopback_up_and_runs_the_command():
 
 
 def test_two_node_ray_cluster_serves_survives_a_node_kill_and_leaves_nothing_behind():
-    problem = cluster.isolation_problem()
-    if problem is not None:
-        pytest.skip(f"no private network namespace here ({problem}); Ray must not listen on a real interface")
+    optional.skip_unless("userns", "test_scaling: the two-node Ray cluster drill")
     drill = [sys.executable, str(ROOT / "deploy" / "ray" / "drill.py"), "--seconds", "0.5", "--clients", "4",
              "--deadline", "100"]
     done = subprocess.run(cluster.isolated_command(drill), capture_output=True, text=True, timeout=120, cwd=ROOT)

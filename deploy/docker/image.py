@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from course_utils import optional
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 WORK = ROOT / "artifacts" / "image"
@@ -40,13 +42,8 @@ def say(message: str) -> None:
 
 
 def engine() -> str | None:
-    """'docker' when a daemon answers, else 'podman' when installed, else None."""
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0:
-        return "docker"
-    if shutil.which("podman"):
-        os.environ.setdefault("CONTAINERS_CONF", str(HERE / "containers.conf"))
-        return "podman"
-    return None
+    """'docker' when a daemon answers, else 'podman' when installed, else None (``course_utils.optional``)."""
+    return optional.engine()
 
 
 def run(*command: str, check: bool = True, timeout: float = 900, capture: bool = True) -> subprocess.CompletedProcess:
@@ -311,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         build(args.tag, args.model)
     elif args.command == "check":
-        if engine() is None:
-            if os.environ.get("CI") == "true":
-                raise SystemExit("no container engine on a CI machine: .ci/run installs podman; see its log")
-            say("skipped: no container engine (install Docker, or podman: apt-get install podman runc)")
+        if not optional.use("engine", "make image-check: the serving image built, run and probed"):
             return 0
         check(args.tag, args.report, args.model)
     else:
