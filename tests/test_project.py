@@ -43,6 +43,29 @@ def test_notebook_is_committed_executed_in_order_and_portable(path):
         assert "NBVAL_SKIP" not in "".join(cell["source"]), f"{path.name}: cell {i} is skipped"
 
 
+# A cell that asks whether an optional tool is here (course_utils.optional, shutil.which, ...) prints
+# something else on a machine without it: its output must not be compared, or print the same either way.
+_TOOL_PROBE = re.compile(r"\boptional\.(use|available|engine|problem|skipped)\(|shutil\.which\(|isolation_problem\(|"
+                         r"cpp_compiler\(|torch\.cuda\.is_available\(")
+_SAYS_MISSING = re.compile(r"(no container engine|podman|docker|java|npm|node|actionlint|namespace|compiler|CUDA|GPU)"
+                           r"[^\"]{0,60}\b(skip|skipped|not run|NOT run|missing|not found|not installed)", re.I)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_compared_outputs_do_not_depend_on_optional_tools(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        source = "".join(cell["source"])
+        if cell["cell_type"] != "code" or "NBVAL_IGNORE_OUTPUT" in source:
+            continue
+        assert not _TOOL_PROBE.search(source) or "same output with or without" in source, (
+            f"{path.name} cell {i} branches on an optional tool but its output is compared: make it "
+            "# NBVAL_IGNORE_OUTPUT (and assert its facts where the tool ran), or print the same either way")
+        outputs = json.dumps(cell.get("outputs", []))
+        match = _SAYS_MISSING.search(outputs)
+        assert not match, f"{path.name} cell {i}: a compared output says a tool was missing: {match.group(0)!r}"
+
+
 _ALONE = re.compile(r"DigitsCNN eager, batch 32 alone: p50 ([0-9.]+) ms; in the interleaved table: ([0-9.]+) ms")
 
 
