@@ -16,6 +16,7 @@ Conventions, used everywhere in the course:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,21 @@ if TYPE_CHECKING:  # torch is imported where it is used: the ONNX service path n
     import torch
     from torch.utils.data import DataLoader
 
-#: The repository's ``data/`` folder (the package is installed in editable mode).
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MANIFEST = "MANIFEST.sha256"
+
+
+def _data_dir() -> Path:
+    """``$COURSE_DATA_DIR``, else the repository's ``data/`` (a clone, an editable install), else the
+    copy that a wheel installs inside the package (``course_utils/_data``)."""
+    if os.environ.get("COURSE_DATA_DIR"):
+        return Path(os.environ["COURSE_DATA_DIR"])
+    here = Path(__file__).resolve().parent
+    repository = here.parent / "data"
+    return repository if (repository / MANIFEST).is_file() else here / "_data"
+
+
+#: The dataset, samples and checkpoint: the repository's ``data/`` folder, or its copy in an installed wheel.
+DATA_DIR = _data_dir()
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 8
 LEVELS = 16  # the scans have values 0..16
