@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from course_utils import workflows
+from course_utils import optional, workflows
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = [ROOT / ".github" / "workflows" / "course.yml", ROOT / "deploy" / "ci" / "release.yml"]
@@ -27,7 +27,7 @@ jobs:
 def test_both_workflows_lint_clean(linter):
     result = getattr(workflows, linter)(WORKFLOWS)
     if result.status == "skipped":
-        pytest.skip(f"{linter}: {result.findings[0]} (set {workflows.REQUIRE_ENV}=1 to make this a failure)")
+        pytest.skip(optional.skip_line("actionlint", f"test_workflows: {linter}", result.findings[0]))
     assert result.clean, "\n".join(result.findings)
 
 
@@ -55,13 +55,15 @@ def test_the_course_workflow_runs_what_ci_runs_on_a_schedule_with_a_cached_venv(
     triggers = course[True]   # YAML 1.1 reads the key `on` as True
     assert triggers["schedule"][0]["cron"] and "pull_request" in triggers
     runs = {step.get("run") for job in course["jobs"].values() for step in job["steps"]}
-    assert {"make image-check", "make test", "make test-compat"} <= runs
+    assert {"make image-check", "make test", "make test-without-tools", "make test-compat"} <= runs
     assert course["permissions"] == {"contents": "read"}
     cached = [s for s in course["jobs"]["test"]["steps"] if s.get("uses", "").startswith("actions/cache@")]
     assert cached and ".venv" in cached[0]["with"]["path"] and "constraints.txt" in cached[0]["with"]["key"]
-    assert course["jobs"]["test"]["env"][workflows.REQUIRE_ENV] == "1"
+    # every optional tool's part must run in CI, not skip (course_utils.optional)
+    assert course["jobs"]["test"]["env"][optional.REQUIRE_ALL_ENV] == "1"
+    assert any("apparmor_restrict_unprivileged_userns=0" in (step.get("run") or "") for step in course["jobs"]["test"]["steps"])
     ci = (ROOT / ".ci" / "run").read_text()
-    assert f"export {workflows.REQUIRE_ENV}=1" in ci and "make test\n" in ci
+    assert f"export {optional.REQUIRE_ALL_ENV}=1" in ci and "make test\n" in ci and "make test-without-tools\n" in ci
 
 
 def test_the_release_workflow_gates_builds_the_image_and_publishes_the_report():
