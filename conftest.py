@@ -136,15 +136,15 @@ def pytest_runtest_call(item):  # noqa: ANN001
     return result
 
 
+@pytest.hookimpl(trylast=True)   # the skipped parts come last, just before pytest's own short summary
 def pytest_terminal_summary(terminalreporter):  # noqa: ANN001
-    _skip_summary(terminalreporter)
     if _GRADED:
         terminalreporter.section("exercises graded two ways (stub fails, solution passes)")
         for where in _GRADED:
             terminalreporter.write_line(where)
-    if not _NOTEBOOK_SECONDS:
-        return
-    terminalreporter.section("notebook runtimes (kernel start excluded)")
-    for path, seconds in sorted(_NOTEBOOK_SECONDS.items()):
-        flag = "" if seconds < NOTEBOOK_BUDGET_S else f"  <-- over the {NOTEBOOK_BUDGET_S:.0f} s budget"
-        terminalreporter.write_line(f"{seconds:6.1f} s  {path}{flag}")
+    if _NOTEBOOK_SECONDS:
+        terminalreporter.section("notebook runtimes (kernel start excluded)")
+        for path, seconds in sorted(_NOTEBOOK_SECONDS.items()):
+            flag = "" if seconds < NOTEBOOK_BUDGET_S else f"  <-- over the {NOTEBOOK_BUDGET_S:.0f} s budget"
+            terminalreporter.write_line(f"{seconds:6.1f} s  {path}{flag}")
+    _skip_summary(terminalreporter)

@@ -34,12 +34,15 @@ MANIFEST = "MANIFEST.sha256"
 
 def _data_dir() -> Path:
     """``$COURSE_DATA_DIR``, else the repository's ``data/`` (a clone, an editable install), else the
-    copy that a wheel installs inside the package (``course_utils/_data``)."""
+    copy that a wheel installs inside the package (``course_utils/_data``), if there is one.
+
+    A clone never uses ``_data`` (it has none), so ``make data`` rebuilds the repository's ``data/``.
+    """
     if os.environ.get("COURSE_DATA_DIR"):
         return Path(os.environ["COURSE_DATA_DIR"])
     here = Path(__file__).resolve().parent
-    repository = here.parent / "data"
-    return repository if (repository / MANIFEST).is_file() else here / "_data"
+    repository, packaged = here.parent / "data", here / "_data"
+    return packaged if packaged.is_dir() and not (repository / MANIFEST).is_file() else repository
 
 
 #: The dataset, samples and checkpoint: the repository's ``data/`` folder, or its copy in an installed wheel.

@@ -67,6 +67,8 @@ TOOLS: dict[str, Tool] = {tool.key: tool for tool in (
          "run as root with CAP_SYS_ADMIN (not in a container that drops it), or as a user where unprivileged "
          "user namespaces are allowed (Ubuntu 24.04+: sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0)",
          "COURSE_REQUIRE_USERNS"),
+    # The compiler itself is a prerequisite (torch.compile and AOTInductor need one; `make test` checks it):
+    # what may be skipped is lesson 01's C++ loader, where its libtorch build fails off Linux.
     Tool("cxx", "a C++20 compiler that links the libtorch inside the torch wheel (g++ on Linux)",
          "sudo apt-get install g++ (Linux); xcode-select --install (macOS)", "COURSE_REQUIRE_CXX"),
     Tool("gpu", "an NVIDIA GPU with CUDA", "on Colab: Runtime > Change runtime type > GPU", "COURSE_REQUIRE_GPU",
@@ -75,7 +77,7 @@ TOOLS: dict[str, Tool] = {tool.key: tool for tool in (
 
 
 def _switch_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+    return os.environ.get(name, "").strip() == "1"   # exactly as the Makefile and CI spell it
 
 
 def required(key: str) -> bool:
@@ -113,7 +115,14 @@ def engine() -> str | None:
 def _engine_problem() -> str | None:
     if engine():
         return None
-    return "no podman, and no docker with a running daemon" if shutil.which("docker") else "no podman or docker"
+    if not shutil.which("docker"):
+        return "no podman or docker"
+    try:   # say why docker does not answer: no daemon, or no permission to use its socket
+        said = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30).stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as error:
+        said = str(error)
+    lines = [line for line in said.splitlines() if line.strip()]
+    return f"no podman, and `docker info` fails: {lines[-1][:200] if lines else 'no daemon answers'}"
 
 
 def _java_problem() -> str | None:
@@ -136,7 +145,9 @@ def _cxx_problem() -> str | None:
     from course_utils import export
 
     if export.cpp_compiler() is None:
-        return "no C++ compiler (g++, c++, clang++ or $CXX) on PATH"
+        if os.environ.get("CXX"):
+            return f"$CXX is {os.environ['CXX']!r}, which is not on PATH"
+        return "no C++ compiler (g++, c++ or clang++) on PATH"
     return None
 
 

@@ -112,7 +112,16 @@ def test_without_tools_hides_for_real_and_checks_each_tool_was_skipped():
                                "--expect-fail", "--", "COURSE_REQUIRE_JAVA=1", sys.executable, "-c",
                                "from course_utils import optional; optional.use('java', 'a part')"],
                               capture_output=True, text=True, timeout=120)
-    assert required.returncode == 0 and "MissingTool" in required.stderr and "as expected" in required.stderr
+    assert required.returncode == 0 and "MissingTool" in required.stdout and "as expected" in required.stderr
+    other = subprocess.run([sys.executable, str(ROOT / "tools" / "without_tools.py"), "--hide", "java",
+                            "--expect-fail", "--", sys.executable, "-c", "raise SystemExit(3)"],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and "not with MissingTool: something else broke first" in other.stderr
+    unseen = subprocess.run([sys.executable, str(ROOT / "tools" / "without_tools.py"), "--hide", "java",
+                             "--expect-part", "lesson 07: TorchServe", "--", sys.executable, "-c",
+                             "from course_utils import optional; assert not optional.use('java', 'a part')"],
+                            capture_output=True, text=True, timeout=120)
+    assert unseen.returncode == 1 and "the part 'lesson 07: TorchServe' was not skipped" in unseen.stderr
 
 
 def test_make_names_the_apt_package_when_venv_cannot_be_made(tmp_path):

@@ -9,6 +9,7 @@ pass their checksums, and the service starts and answers a digit.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -118,3 +119,18 @@ def test_a_non_editable_install_serves_the_digits_model(scratch_python, tmp_path
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+def test_the_data_folder_is_the_repository_s_unless_told_or_installed(tmp_path):
+    probe = "from course_utils import data; print(data.DATA_DIR)"
+    told = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "COURSE_DATA_DIR": str(tmp_path / "mine")})
+    assert told.stdout.strip() == str(tmp_path / "mine"), told.stderr[-2000:]
+    # a clone whose data/ is gone (before `make data` rebuilds it) still points at data/, never at a
+    # course_utils/_data that only a wheel has
+    clone = tmp_path / "clone"
+    shutil.copytree(PACKAGE, clone / "course_utils", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {key: value for key, value in os.environ.items() if key != "COURSE_DATA_DIR"}
+    bare = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(clone)!r}); {probe}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert bare.stdout.strip() == str(clone / "data"), bare.stderr[-2000:]

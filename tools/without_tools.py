@@ -1,6 +1,7 @@
 """Run a command on this machine as if the optional tools were not installed: `make test-without-tools`.
 
-    python tools/without_tools.py [--hide engine,java,actionlint,userns] [--expect-fail] -- COMMAND ...
+    python tools/without_tools.py [--hide engine,java,actionlint,userns] [--expect-part PART ...] -- COMMAND ...
+    python tools/without_tools.py --expect-fail -- COURSE_REQUIRE_ALL=1 COMMAND ...
 
 The test of the test: the strict check must stay green on a machine without podman/Docker, Java or
 Node.js, where Ray's private network namespace is refused, and the parts that need them must be
@@ -13,10 +14,12 @@ skipped out loud (``course_utils.optional``). The tools are really hidden, not m
   kernel refuses ``unshare -n`` exactly as it does in a Docker container; as a user, ``unshare`` is
   hidden from PATH too (a user's refusal, Ubuntu's AppArmor rule, cannot be made without root).
 
-Every ``COURSE_REQUIRE_*`` switch is cleared for the command, and it records its skips in a file of its
-own. Afterwards each hidden tool must have been skipped at least once (proof that it was hidden and
-that its part noticed); the command's own exit status must be 0, or non-zero with ``--expect-fail``.
-The exit status is 0 when all of that holds, 1 otherwise.
+Every ``COURSE_REQUIRE_*`` switch is cleared for the command (``--expect-fail`` takes the ones written
+before it), and it records its skips in a file of its own. Afterwards the command must have passed,
+each hidden tool must have been skipped at least once, and each ``--expect-part`` must be among the
+skipped parts (proof that the tools were hidden and that the lessons' parts noticed). With
+``--expect-fail`` the command must instead fail with ``MissingTool`` in its output (a switch turned
+the skip into an error, and nothing else broke first). The exit status is 0 when all of that holds.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hide", default="engine,java,actionlint,userns",
                         help="comma-separated optional tools to hide (default: %(default)s)")
     parser.add_argument("--expect-fail", action="store_true",
-                        help="the command must fail (a COURSE_REQUIRE_* switch set inside it, say)")
+                        help="the command must fail with MissingTool (a COURSE_REQUIRE_* switch written before it)")
+    parser.add_argument("--expect-part", action="append", default=[],
+                        help="a part that must be among the skipped ones (repeatable)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix: list[str] = []
     if "userns" in keys:
         if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                parser.error("hiding userns as root needs setpriv (util-linux) to drop CAP_SYS_ADMIN")
             prefix = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"]
         else:
             hidden.add("unshare")
@@ -92,17 +99,29 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"[without-tools] hiding {', '.join(keys)} ({', '.join(sorted(hidden)) or 'nothing on PATH'}"
               f"{'; without CAP_SYS_ADMIN' if prefix else ''}): {' '.join(command)}", file=sys.stderr, flush=True)
-        code = subprocess.run(prefix + command, env=env).returncode
+        with subprocess.Popen(prefix + command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace") as child:
+            said_missing = False
+            for line in child.stdout:   # passed through as it comes, and read for MissingTool
+                sys.stdout.write(line)
+                said_missing = said_missing or "MissingTool" in line
+            code = child.wait()
+        sys.stdout.flush()
         records = [json.loads(line) for line in skips.read_text().splitlines()] if skips.exists() else []
     seen = {record["tool"] for record in records}
     problems = []
     if args.expect_fail and code == 0:
         problems.append("the command passed, but it was expected to fail")
+    elif args.expect_fail and not said_missing:
+        problems.append(f"the command failed (exit {code}), but not with MissingTool: something else broke first")
     if not args.expect_fail:
         if code != 0:
             problems.append(f"the command failed (exit {code}) with {', '.join(keys)} hidden")
         problems += [f"nothing was skipped for the hidden tool {key!r}: was it really hidden, and does its part "
                      "go through course_utils.optional?" for key in keys if key not in seen]
+        parts = {record["part"] for record in records}
+        problems += [f"the part {part!r} was not skipped: did it run although its tool was hidden?"
+                     for part in args.expect_part if part not in parts]
     for problem in problems:
         print(f"[without-tools] FAILED: {problem}", file=sys.stderr)
     if not problems:
