@@ -62,8 +62,9 @@ def _skip_summary(terminalreporter) -> None:  # noqa: ANN001
             continue
         seen.add((record["tool"], record["part"]))
         terminalreporter.write_line(optional.skip_line(record["tool"], record["part"], record["why"]))
-    terminalreporter.write_line(f"(set {optional.REQUIRE_ALL_ENV}=1, or one tool's COURSE_REQUIRE_* switch, "
-                                "to make a missing tool a failure; `python -m course_utils.optional` lists them)")
+    terminalreporter.write_line(f"(a skip is not a failure: {optional.REQUIRE_ALL_ENV}=1 makes every missing tool but the "
+                                "GPU one, COURSE_REQUIRE_<TOOL>=1 that tool, an error; `python -m course_utils.optional` "
+                                "lists the tools)")
 
 
 def pytest_runtest_logreport(report):  # noqa: ANN001 - pytest hook signature
