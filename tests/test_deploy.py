@@ -435,6 +435,33 @@ def test_image_check_without_an_engine_skips_on_a_laptop_and_fails_under_the_swi
         monkeypatch.delenv(switch)
 
 
+def test_no_base_image_is_a_skip_said_and_reported_or_an_error_under_the_switch(monkeypatch, capsys, tmp_path):
+    # a normal user on a machine where no registry answers: podman is here, but nothing to build on
+    image = _image_module()
+    failed = subprocess.CompletedProcess([], 1, "", "no registry")
+    monkeypatch.setattr(image, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(image.os, "geteuid", lambda: 1000)
+    with pytest.raises(image.NoBaseImage, match="cannot be pulled .* a Debian base cannot be bootstrapped: debootstrap "
+                                                "needs root"):
+        image.base_image("podman")
+
+    def no_base(*args):
+        raise image.NoBaseImage("no base here")
+
+    monkeypatch.setattr(image, "check", no_base)
+    monkeypatch.setattr(optional, "_cached_problem", lambda key: None)
+    for switch in ("COURSE_REQUIRE_ENGINE", optional.REQUIRE_ALL_ENV):
+        monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv(optional.SKIPS_ENV, str(tmp_path / "skips.jsonl"))
+    report = tmp_path / "report.json"
+    assert image.main(["check", "--report", str(report)]) == 0
+    assert json.loads(report.read_text()) == {"skipped": "no base here"}
+    assert "skipped: make image-check: the serving image built, run and probed (no base here;" in capsys.readouterr().out
+    monkeypatch.setenv("COURSE_REQUIRE_ENGINE", "1")
+    with pytest.raises(optional.MissingTool, match="no base here"):
+        image.main(["check", "--report", str(report)])
+
+
 def test_podman_settings_and_base_image_script_are_sane():
     conf = (ROOT / "deploy" / "docker" / "containers.conf").read_text()
     for setting in ('runtime = "runc"', 'cgroup_manager = "cgroupfs"', '"nofile=4096:4096"'):

@@ -16,6 +16,7 @@ def test_pick_device_falls_back_to_cpu_when_preferred_device_is_missing(monkeypa
 
 
 def test_pick_device_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)   # `make test` sets it (TEST_DEVICE=cpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert env.pick_device() == torch.device("cuda")

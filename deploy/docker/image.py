@@ -116,13 +116,34 @@ def prepare(source: Path | None = None) -> Path:
     return model
 
 
+class NoBaseImage(RuntimeError):
+    """Neither the official Python image nor a Debian base can be had here: the engine cannot build."""
+
+
+def skip_without_base(error: NoBaseImage, part: str, report: Path) -> int:
+    """Say and record the skip (an error under COURSE_REQUIRE_ENGINE/ALL), and leave it in the report for a caller."""
+    optional.use("engine", part, why=str(error))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({"skipped": str(error)}, indent=2) + "\n")
+    return 0
+
+
 def base_image(tool: str) -> str:
-    """The official Python image if it is here or can be pulled, else a Debian base made from Debian packages."""
+    """The official Python image if it is here or can be pulled, else a Debian base made from Debian packages.
+
+    Raises :class:`NoBaseImage` where neither can be had: no registry answers and debootstrap cannot
+    run (it needs root and the debootstrap package), as for a normal user on an air-gapped machine.
+    """
     if run(tool, "image", "inspect", OFFICIAL_BASE, check=False).returncode == 0:
         return OFFICIAL_BASE
     if run(tool, "pull", "--quiet", OFFICIAL_BASE, check=False, timeout=120).returncode == 0:
         return OFFICIAL_BASE
     if run(tool, "image", "inspect", DEBIAN_BASE, check=False).returncode != 0:
+        why = ("debootstrap needs root" if os.geteuid() != 0 else
+               None if shutil.which("debootstrap") else "debootstrap is not installed (sudo apt-get install debootstrap)")
+        if why:
+            raise NoBaseImage(f"{OFFICIAL_BASE} cannot be pulled (no registry answers) and a Debian base cannot be "
+                              f"bootstrapped: {why}")
         say(f"{OFFICIAL_BASE} cannot be pulled here: bootstrapping {DEBIAN_BASE} from Debian packages (about a minute)")
         started = time.perf_counter()
         made = subprocess.run([str(HERE / "base-image.sh"), DEBIAN_BASE], timeout=900, text=True,
@@ -308,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         build(args.tag, args.model)
     elif args.command == "check":
-        if not optional.use("engine", "make image-check: the serving image built, run and probed"):
+        part = "make image-check: the serving image built, run and probed"
+        if not optional.use("engine", part):
             return 0
-        check(args.tag, args.report, args.model)
+        try:
+            check(args.tag, args.report, args.model)
+        except NoBaseImage as error:
+            return skip_without_base(error, part, args.report)
     else:
         clean(args.tag)
     return 0
