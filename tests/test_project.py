@@ -118,6 +118,23 @@ def test_environment_yml_pins_match_constraints():
     assert python_pin and python_pin.group(1) == "3.11"
 
 
+def test_every_pin_installs_on_the_python_3_11_that_debian_and_ubuntu_ship():
+    # Debian 12's python3.11 is 3.11.2 (Ubuntu's 3.11 is older still): a pin that needs 3.11.5 (soupsieve
+    # 3.x and 4.x do) makes `make test` fail to install there. The installed metadata tells, offline.
+    import importlib.metadata as md
+
+    from packaging.specifiers import SpecifierSet
+
+    pins = {_name(line.split("==")[0]): line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    refused = []
+    for dist in md.distributions():
+        name, needs = _name(dist.metadata["Name"] or ""), dist.metadata.get("Requires-Python")
+        if name in pins and pins[name] == dist.version and needs and "3.11.2" not in SpecifierSet(needs):
+            refused.append(f"{name}=={dist.version} (Requires-Python {needs})")
+    assert not refused, f"pins that Debian 12's Python 3.11.2 cannot install: {refused}"
+
+
 def test_every_pyproject_dependency_is_pinned_in_constraints():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     lines = (ROOT / "constraints.txt").read_text().splitlines()
