@@ -373,6 +373,9 @@ def test_torchserve_serves_the_archive_with_token_auth(tmp_path):
     archive = serve.build_archive(tmp_path)
     assert archive.is_file() and archive.stat().st_size > 50_000
     with serve.running(tmp_path) as server:
+        # its pid file in a temp folder of its own: another user's /tmp/.model_server.pid, or another
+        # TorchServe, would otherwise stop it from starting (a non-root make test hit exactly that)
+        assert (tmp_path / "tmp" / ".model_server.pid").is_file()
         url = f"{server.url}/predictions/digits"
         ok = requests.post(url, data=SEVEN.read_bytes(), headers=server.headers(), timeout=30)
         assert ok.status_code == 200, ok.text

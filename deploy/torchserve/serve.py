@@ -88,7 +88,12 @@ def running(work: Path, timeout: float = 120.0) -> Iterator[TorchServe]:
     config = write_config(work, ports)
     (work / "key_file.json").unlink(missing_ok=True)
     log = work / "torchserve.log"
+    # TorchServe keeps its pid file in the temp folder (/tmp/.model_server.pid) and refuses to start while
+    # another user's file is there, or while another TorchServe runs: each run gets a temp folder of its own.
+    private_tmp = work / "tmp"
+    private_tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LOG_LOCATION": str(work / "logs"), "METRICS_LOCATION": str(work / "logs"),
+           "TMPDIR": str(private_tmp), "TEMP": str(private_tmp),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     command = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
                "--model-store", str(work / "store"), "--ts-config", str(config), "--models", "digits=digits.mar"]
